@@ -1,0 +1,1 @@
+"""Backends beyond the NumPy simulator: one sub-package each (torch, cupy)."""

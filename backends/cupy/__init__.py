@@ -1,0 +1,1 @@
+"""CuPy RawKernel (CUDA C) backend."""

@@ -1,0 +1,174 @@
+"""The Backend protocol and the backend registry.
+
+A backend provides the primitive operations of docs/numerics.md on its own array type
+(NumPy for the simulator, torch, CuPy). Everything above them — validation, the packed
+layout, the streaming cache — is written once in the core and calls these ops. The
+simulator (:class:`mixkvq.sim.NumpyBackend`) is the reference every backend must match byte
+for byte; ``mixkvq.testing.check_backend`` proves it.
+
+Backends are chosen by name: the ``backend=`` argument or config field, else the
+environment variable ``MIXKVQ_BACKEND``, else the kind of array passed in (NumPy arrays ->
+``numpy``, torch tensors -> ``torch``, CuPy arrays -> ``cupy``). An explicitly named backend
+that cannot load raises; nothing silently falls back to another backend. Third-party
+backends register through the entry-point group ``mixkvq.backends`` or
+:func:`register_backend`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+ENV_VAR = "MIXKVQ_BACKEND"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Operations a backend provides. Arrays are the backend's own type.
+
+    All quantization ops work along the **last axis** (callers move axes); inputs are
+    validated by :mod:`mixkvq.validation` before an op is called.
+    """
+
+    name: str
+
+    # -- array plumbing ----------------------------------------------------------------
+    def is_native(self, x: Any) -> bool:
+        """Whether ``x`` is this backend's array type."""
+
+    def from_any(self, x: Any, *, like: Any = None) -> Any:
+        """Convert a NumPy / torch / CuPy array to this backend's type (exactly, keeping dtype;
+        on ``like``'s device when given)."""
+
+    def to_numpy(self, x: Any) -> Any:
+        """A NumPy copy (bfloat16 becomes its uint16 bit pattern)."""
+
+    def zeros(self, shape: Sequence[int], dtype: str, *, like: Any = None) -> Any: ...
+
+    def concat(self, arrays: Sequence[Any], axis: int) -> Any: ...
+
+    def first_nonfinite(self, x: Any) -> "tuple[tuple[int, ...], float] | None":
+        """Index (row-major first) and value of the first NaN/Inf in ``x``, or None."""
+
+    def min_max(self, x: Any) -> "tuple[Any, Any]":
+        """Python scalars (min, max) of an array, (None, None) when empty."""
+
+    # -- numerics (docs/numerics.md) ---------------------------------------------------
+    def pack(self, codes: Any, bits: int) -> Any:
+        """§5: codes ``(..., n)`` (< 2^bits) -> uint8 ``(..., ceil(n*bits/8))``."""
+
+    def unpack(self, packed: Any, bits: int, n: int) -> Any:
+        """§5 inverse: uint8 ``(..., ceil(n*bits/8))`` -> uint8 codes ``(..., n)``."""
+
+    def quantize(self, x: Any, bits: int, group_size: int, meta_dtype: str, name: str) -> "tuple[Any, Any, Any]":
+        """§3 along the last axis: ``x (..., n)`` -> (packed uint8 ``(..., row_bytes)``,
+        scale ``(..., n_groups)``, zero ``(..., n_groups)``) in ``meta_dtype``.
+        Raises ValueError naming ``name`` when metadata overflows (§2)."""
+
+    def dequantize(self, packed: Any, scale: Any, zero: Any, bits: int, group_size: int, n: int, out_dtype: str) -> Any:
+        """§4 along the last axis -> ``(..., n)`` in ``out_dtype``."""
+
+    def encode_half(self, x: Any, high_dtype: str, name: str) -> Any:
+        """§6 16-bit rows: ``x (..., n)`` -> uint8 ``(..., 2n)`` little-endian ``high_dtype`` words."""
+
+    def decode_half(self, packed: Any, high_dtype: str) -> Any:
+        """Inverse of :meth:`encode_half` -> float32 ``(..., n)``."""
+
+    def query_token_sums(self, q: Any, n_rep: int) -> Any:
+        """§7 steps 1–3: ``q (B, H*n_rep, T, D)`` -> int64 ``(B, H, T, D)`` fixed-point sums."""
+
+    def relevance(self, qsum: Any, count: int, n_rep: int) -> Any:
+        """§7 step 5: int64 ``(B, H, D)`` -> float32 ``(B, H, D)``."""
+
+    def difficulty(self, keys: Any, low_bits: int) -> Any:
+        """§8: keys ``(B, H, R, D)`` -> float32 ``(B, H, D)``."""
+
+    def assign_budget(self, salience: Any, n_high: int, n_mid: int, tier_bits: Sequence[int]) -> Any:
+        """§8 budget mode -> uint8 tier map ``(B, H, D)``; ``tier_bits`` = (high, mid, low) widths."""
+
+    def assign_threshold(self, salience: Any, tau_high: float, tau_mid: float, tier_bits: Sequence[int]) -> Any:
+        """§8 threshold mode -> uint8 tier map ``(B, H, D)``."""
+
+    def attention(self, q: Any, view: Any, *, scale: float, causal: bool) -> Any:
+        """softmax(q K^T * scale) V over a :class:`mixkvq.cache.CacheView` -> float32 ``q.shape``."""
+
+
+_FACTORIES: dict[str, Callable[[], Backend]] = {}
+_BUILTIN = {
+    "numpy": "mixkvq.sim.backend:NumpyBackend",
+    "torch": "mixkvq.backends.torch:TorchBackend",
+    "cupy": "mixkvq.backends.cupy:CupyBackend",
+}
+_INSTANCES: dict[str, Backend] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend], *, overwrite: bool = False) -> None:
+    """Register a backend factory under ``name``."""
+    if (name in _FACTORIES or name in _BUILTIN) and not overwrite:
+        raise ValueError(f"a backend named {name!r} is already registered (pass overwrite=True)")
+    _FACTORIES[name] = factory
+    _INSTANCES.pop(name, None)
+
+
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="mixkvq.backends")}
+
+
+def available_backends() -> list[str]:
+    """Every backend name that can be asked for (loading may still fail, e.g. no GPU)."""
+    return sorted(set(_BUILTIN) | set(_FACTORIES) | set(_entry_points()))
+
+
+def _load(name: str) -> Backend:
+    if name in _FACTORIES:
+        return _FACTORIES[name]()
+    if name in _BUILTIN:
+        module, _, attr = _BUILTIN[name].partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            raise RuntimeError(
+                f"backend {name!r} is not usable here: {exc}. "
+                f"Install its extra (pip install 'mixkvq[{name}]') or choose another backend."
+            ) from exc
+        return cls()
+    eps = _entry_points()
+    if name in eps:
+        return eps[name].load()()
+    raise ValueError(f"unknown backend {name!r}; available backends: {', '.join(available_backends())}")
+
+
+def get_backend(name: "str | Backend | None" = None, *, like: Any = None) -> Backend:
+    """Resolve a backend: explicit name or object, else ``$MIXKVQ_BACKEND``, else by array kind."""
+    if name is not None and not isinstance(name, str):
+        if isinstance(name, Backend):
+            return name
+        raise TypeError(f"backend must be a name or a Backend, got {type(name).__name__}")
+    if name is None:
+        name = os.environ.get(ENV_VAR) or None
+    if name is None:
+        name = array_kind(like) if like is not None else "numpy"
+    if name not in _INSTANCES:
+        _INSTANCES[name] = _load(name)
+    return _INSTANCES[name]
+
+
+def array_kind(x: Any) -> str:
+    """``"torch"``, ``"cupy"`` or ``"numpy"`` for an array (anything else is NumPy-convertible)."""
+    module = type(x).__module__.split(".")[0]
+    if module == "torch":
+        return "torch"
+    if module == "cupy":
+        return "cupy"
+    return "numpy"
+
+
+def convert_like(y: Any, template: Any, backend: Backend) -> Any:
+    """Return backend array ``y`` as the same kind of array as ``template`` (and its device)."""
+    kind = array_kind(template)
+    if kind == backend.name or backend.is_native(template):
+        return y
+    return get_backend(kind).from_any(y, like=template)

@@ -1,0 +1,1 @@
+"""Conformance kit: cross-validate a backend against the simulator."""

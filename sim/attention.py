@@ -1,0 +1,25 @@
+"""Reference attention over a cache view: dequantize everything, then float64 softmax."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, scale: float, causal: bool) -> np.ndarray:
+    """``q (B, Hq, Tq, D)``, ``keys``/``values`` float32 ``(B, H, T, D)`` -> float32 ``(B, Hq, Tq, D)``.
+
+    Query ``i`` sits at position ``T - Tq + i``; with ``causal`` it sees positions ``<=`` its own.
+    """
+    B, Hq, Tq, D = q.shape
+    H, T = keys.shape[1], keys.shape[2]
+    n_rep = Hq // H
+    k = np.repeat(keys.astype(np.float64), n_rep, axis=1)
+    v = np.repeat(values.astype(np.float64), n_rep, axis=1)
+    scores = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k) * scale
+    if causal and Tq > 1:
+        pos_q = np.arange(T - Tq, T)[:, None]
+        scores = np.where(np.arange(T)[None, :] <= pos_q, scores, -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("bhqk,bhkd->bhqd", p, v).astype(np.float32)

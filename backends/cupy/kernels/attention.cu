@@ -1,0 +1,177 @@
+// Fused decode attention over the packed MixKVQ cache (flash-decoding style).
+//
+// attn_split: grid (n_splits, B*H, ceil(n_rep*Tq / QROWS)), block 128 threads = 4 warps.
+// A block takes one KV head (GQA: its n_rep query heads share every K/V tile it loads),
+// up to QROWS = 4 query rows (one per warp) and the tokens [split*split_len, +split_len).
+// It walks them in tiles of 32 tokens: all threads dequantize the tile's keys (from the
+// tier rows of their key block, or the float32 residual) and values (per-token rows, or
+// the residual) into shared memory — never to global memory — then each warp scores its
+// query row (lane = token), updates its running max / sum with warp shuffles and folds
+// p * V into registers (lane owns channels lane, lane+32, ...). The partial (acc, m, l)
+// of each split go to global memory; attn_combine merges the splits.
+#include "mixkvq_common.cuh"
+
+#define TILE 32
+#define QROWS 4
+#define MAXD 128
+#define ATTN_THREADS (32 * QROWS)
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Key element (token tok, channel d) of KV head bh, as float32 exactly as §4 / §6 decode it.
+__device__ __forceinline__ float load_key(long long tok, int d, long long bh, int D, long long BHD, int nkb, int R,
+                                          int G, int meta_kind, int high_kind, const unsigned char* tier_maps,
+                                          const int* row_index, const unsigned long long* kptr,
+                                          const float* res_k, long long rk) {
+    long long nq = (long long)nkb * R;
+    if (tok >= nq) return res_k[(bh * rk + (tok - nq)) * D + d];
+    long long j = tok / R;
+    int tb = (int)(tok % R);
+    long long idx = j * BHD + bh * D + d;
+    int w = tier_maps[idx];
+    long long row = row_index[idx];
+    const unsigned long long* p = kptr + (j * 17 + w) * 3;
+    if (w == 16) {
+        const unsigned short* words = (const unsigned short*)p[0];
+        return mixkvq_half_to_f32(words[row * R + tb], high_kind);
+    }
+    int rb = (R * w + 7) / 8, ng = R / G;
+    unsigned int c = mixkvq_read_code((const unsigned char*)p[0] + row * rb, tb, w, rb);
+    long long gi = row * ng + tb / G;
+    return mixkvq_dequant(c, mixkvq_load_meta((const void*)p[1], gi, meta_kind),
+                          mixkvq_load_meta((const void*)p[2], gi, meta_kind));
+}
+
+__device__ __forceinline__ float load_value(long long tok, int d, long long bh, int D, int G, int meta_kind,
+                                            int vbits, long long nvq, const int* vtok_chunk,
+                                            const long long* vchunk, const unsigned long long* vptr,
+                                            const float* res_v, long long rv) {
+    if (tok >= nvq) return res_v[(bh * rv + (tok - nvq)) * D + d];
+    int c = vtok_chunk[tok];
+    long long start = vchunk[2 * c], n = vchunk[2 * c + 1];
+    long long row = bh * n + (tok - start);
+    int rb = (D * vbits + 7) / 8, ng = (D + G - 1) / G;
+    const unsigned long long* p = vptr + (long long)c * 3;
+    unsigned int code = mixkvq_read_code((const unsigned char*)p[0] + row * rb, d, vbits, rb);
+    long long gi = row * ng + d / G;
+    return mixkvq_dequant(code, mixkvq_load_meta((const void*)p[1], gi, meta_kind),
+                          mixkvq_load_meta((const void*)p[2], gi, meta_kind));
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attn_split(const float* __restrict__ q, int B, int H, int n_rep, int Tq, int D, long long T, float scale, int causal,
+           int nkb, int R, int G, int meta_kind, int high_kind, const unsigned char* __restrict__ tier_maps,
+           const int* __restrict__ row_index, const unsigned long long* __restrict__ kptr,
+           const float* __restrict__ res_k, int vbits, long long nvq, const int* __restrict__ vtok_chunk,
+           const long long* __restrict__ vchunk, const unsigned long long* __restrict__ vptr,
+           const float* __restrict__ res_v, long long split_len, float* __restrict__ part_acc,
+           float* __restrict__ part_ml) {
+    __shared__ float Ks[TILE][MAXD + 1];  // +1: lane t reads row t, so rows must not share a bank
+    __shared__ float Vs[TILE][MAXD];
+    __shared__ float Qs[QROWS][MAXD];
+    __shared__ float Ps[QROWS][TILE];
+
+    const int split = blockIdx.x;
+    const long long bh = blockIdx.y;
+    const int b = (int)(bh / H), h = (int)(bh % H);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int n_rows = n_rep * Tq;
+    const int row = blockIdx.z * QROWS + warp;  // query row (r, tq), r major
+    const bool active = row < n_rows;
+    const int r = active ? row / Tq : 0, tq = active ? row % Tq : 0;
+    const int hq = h * n_rep + r;
+    const int Hq = H * n_rep;
+    const long long BHD = (long long)B * H * D;
+    const long long rk = T - (long long)nkb * R, rv = T - nvq;
+    const long long pos = T - Tq + tq;  // this query's position
+    const long long t0 = (long long)split * split_len;
+    const long long t1 = min(T, t0 + split_len);
+
+    for (int d = lane; d < D; d += 32) Qs[warp][d] = active ? q[(((long long)b * Hq + hq) * Tq + tq) * D + d] : 0.0f;
+
+    float acc[MAXD / 32];
+    for (int k = 0; k < MAXD / 32; ++k) acc[k] = 0.0f;
+    float m = NEG_INF, l = 0.0f;
+
+    for (long long base = t0; base < t1; base += TILE) {
+        __syncthreads();  // the previous tile is consumed
+        for (int e = threadIdx.x; e < TILE * D; e += ATTN_THREADS) {
+            int t = e / D, d = e % D;
+            long long tok = base + t;
+            float kv = 0.0f, vv = 0.0f;
+            if (tok < t1) {
+                kv = load_key(tok, d, bh, D, BHD, nkb, R, G, meta_kind, high_kind, tier_maps, row_index, kptr, res_k, rk);
+                vv = load_value(tok, d, bh, D, G, meta_kind, vbits, nvq, vtok_chunk, vchunk, vptr, res_v, rv);
+            }
+            Ks[t][d] = kv;
+            Vs[t][d] = vv;
+        }
+        __syncthreads();
+        if (active) {  // warp-uniform: the whole warp takes this branch or none of it
+            long long tok = base + lane;
+            float s = 0.0f;
+            for (int d = 0; d < D; ++d) s = __fadd_rn(s, __fmul_rn(Qs[warp][d], Ks[lane][d]));
+            s = __fmul_rn(s, scale);
+            if (tok >= t1 || (causal && tok > pos)) s = NEG_INF;
+            float m_new = fmaxf(m, warp_max(s));
+            float p = 0.0f, alpha = 1.0f;
+            if (m_new != NEG_INF) {
+                p = s == NEG_INF ? 0.0f : expf(s - m_new);
+                alpha = m == NEG_INF ? 0.0f : expf(m - m_new);
+            }
+            l = __fadd_rn(__fmul_rn(l, alpha), warp_sum(p));
+            m = m_new;
+            Ps[warp][lane] = p;
+            __syncwarp();
+            for (int k = 0; k < MAXD / 32; ++k) {
+                int d = lane + 32 * k;
+                if (d < D) {
+                    float a = __fmul_rn(acc[k], alpha);
+                    for (int t = 0; t < TILE; ++t) a = __fadd_rn(a, __fmul_rn(Ps[warp][t], Vs[t][d]));
+                    acc[k] = a;
+                }
+            }
+            __syncwarp();
+        }
+    }
+    if (active) {
+        long long orow = (((long long)split * B + b) * Hq + hq) * Tq + tq;
+        for (int k = 0; k < MAXD / 32; ++k) {
+            int d = lane + 32 * k;
+            if (d < D) part_acc[orow * D + d] = acc[k];
+        }
+        if (lane == 0) {
+            part_ml[2 * orow] = m;
+            part_ml[2 * orow + 1] = l;
+        }
+    }
+}
+
+// Merge the splits: out[row, d] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M).
+extern "C" __global__ void attn_combine(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
+                                        int n_splits, long long rows, int D, float* __restrict__ out) {
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < rows * D;
+         e += (long long)blockDim.x * gridDim.x) {
+        long long row = e / D;
+        int d = (int)(e % D);
+        float M = NEG_INF;
+        for (int s = 0; s < n_splits; ++s) M = fmaxf(M, part_ml[2 * (s * rows + row)]);
+        float num = 0.0f, den = 0.0f;
+        for (int s = 0; s < n_splits; ++s) {
+            float ms = part_ml[2 * (s * rows + row)];
+            if (ms == NEG_INF) continue;  // a split this query cannot see
+            float w = expf(ms - M);
+            den = __fadd_rn(den, __fmul_rn(part_ml[2 * (s * rows + row) + 1], w));
+            num = __fadd_rn(num, __fmul_rn(part_acc[(s * rows + row) * D + d], w));
+        }
+        out[e] = __fdiv_rn(num, den);
+    }
+}

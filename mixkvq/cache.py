@@ -11,7 +11,7 @@ import numpy as np
 
 from .backend import Backend, convert_like, get_backend
 from .config import HIGH_BITS, MixKVQConfig
-from .dtypes import dtype_name
+from .dtypes import ITEMSIZE, dtype_name
 from .layout import KeyBlock, TierRows, ValueRows, decode_key_block, decode_values, encode_key_block, encode_values, nbytes_of
 from .validation import check_finite, check_float_tensor
 
@@ -292,12 +292,12 @@ class KVCache:
             if policy.uses_queries and policy.mixed_precision and state.q_position < end:
                 break
             kblk = state.residual_keys[:, :, :R]
-            tier_map = self._tier_map(kblk, state, end)
+            tier_map, value_bits = self._tier_map(kblk, state.residual_values[:, :, :R], state, end)
             state.key_blocks.append(encode_key_block(backend, kblk, tier_map, cfg))
             state.residual_keys = state.residual_keys[:, :, R:]
             state.snapshots.pop(end, None)
             if cfg.value_window == "block":
-                state.value_rows.append(encode_values(backend, state.residual_values[:, :, :R], cfg))
+                state.value_rows.append(encode_values(backend, state.residual_values[:, :, :R], cfg, bits=value_bits))
                 state.residual_values = state.residual_values[:, :, R:]
         if cfg.value_window == "sliding" and state.residual_values is not None:
             excess = int(state.residual_values.shape[2]) - R
@@ -305,22 +305,39 @@ class KVCache:
                 state.value_rows.append(encode_values(backend, state.residual_values[:, :, :excess], cfg))
                 state.residual_values = state.residual_values[:, :, excess:]
 
-    def _tier_map(self, kblk: Any, state: _State, end: int) -> Any:
+    def _tier_map(self, kblk: Any, vblk: Any, state: _State, end: int) -> tuple[Any, int]:
+        """Tier map ``(B, H, D)`` of the block ending at token ``end`` and its value width."""
         cfg, backend = self.config, self.backend
         policy = cfg.salience_policy
         B, H, _, D = (int(s) for s in kblk.shape)
         if not policy.mixed_precision:
-            return backend.zeros((B, H, D), "uint8", like=kblk) + cfg.low_bits
+            return backend.zeros((B, H, D), "uint8", like=kblk) + cfg.low_bits, cfg.value_bits
         relevance = None
         if policy.uses_queries:
             qsum, count = state.snapshots[end]
             relevance = backend.relevance(qsum, count, self._n_rep or 1)
+        if cfg.tier_mode == "rd":
+            return self._rd_allocate(kblk, vblk, relevance)
         salience = policy.score(relevance, backend.difficulty(kblk, cfg.low_bits))
         tier_bits = (HIGH_BITS, cfg.mid_bits, cfg.low_bits)
         if cfg.tier_mode == "budget":
             n_high, n_mid = cfg.budget_counts(D)
-            return backend.assign_budget(salience, n_high, n_mid, tier_bits)
-        return backend.assign_threshold(salience, cfg.thresholds[0], cfg.thresholds[1], tier_bits)
+            return backend.assign_budget(salience, n_high, n_mid, tier_bits), cfg.value_bits
+        return backend.assign_threshold(salience, cfg.thresholds[0], cfg.thresholds[1], tier_bits), cfg.value_bits
+
+    def _rd_allocate(self, kblk: Any, vblk: Any, relevance: Any) -> tuple[Any, int]:
+        """§8.3: the allocator runs on the host (float64, one implementation for every backend)."""
+        from .sim.allocate import rd_allocate
+
+        cfg, backend = self.config, self.backend
+        host = backend.to_numpy
+        weight = np.ones(tuple(kblk.shape[:2]) + (kblk.shape[3],), np.float32) if relevance is None else host(relevance)
+        tier_map, value_bits = rd_allocate(
+            host(_float32(kblk)), host(_float32(vblk)), weight, ladder=cfg.bit_ladder, value_ladder=cfg.value_bit_ladder,
+            budget_bits=cfg.rd_bits, group_size=cfg.group_size, meta_bytes=ITEMSIZE[cfg.meta_dtype],
+            high_dtype=cfg.high_dtype,
+        )
+        return backend.from_any(tier_map, like=kblk), value_bits
 
     # -- output ----------------------------------------------------------------------------
     def attention(self, q: Any, *, scale: float | None = None, causal: bool = True) -> Any:
@@ -408,9 +425,9 @@ class KVCache:
             elements += tm.size * block.n_tokens
         if self._shape is not None:
             B, H, D = self._shape
-            nv = self._state.n_value_quantized * B * H * D
-            bits += nv * self.config.value_bits
-            elements += nv
+            for rows in self._state.value_rows:
+                nv = rows.n_tokens * B * H * D
+                bits, elements = bits + nv * rows.bits, elements + nv
         return bits / elements if elements else 0.0
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,8 +25,10 @@ class MixKVQConfig:
     Attributes:
         policy: a registered policy name (``"query_aware"``, ``"key_only"``,
             ``"query_only"``, ``"uniform"``) or a :class:`~mixkvq.SaliencePolicy`.
-        tier_mode: ``"budget"`` (fixed counts per tier; memory exactly predictable) or
-            ``"threshold"`` (the paper's absolute thresholds; counts follow the data).
+        tier_mode: ``"budget"`` (fixed counts per tier; memory exactly predictable),
+            ``"threshold"`` (the paper's absolute thresholds; counts follow the data) or
+            ``"rd"`` (rate-distortion allocation of a true-bit budget over key channels and
+            the block's value width, docs/numerics.md §8.3).
         budget: ``(high, mid)`` channels per (block, head): two ints (counts) or two floats
             in [0, 1] (fractions of head_dim, rounded as ``floor(f*D + 0.5)``).
         thresholds: ``(tau_high, tau_mid)`` for threshold mode, ``tau_high >= tau_mid``.
@@ -39,12 +41,16 @@ class MixKVQConfig:
         value_window: ``"block"`` (values flush with keys) or ``"sliding"`` (KIVI: the
             last R values stay in full precision).
         meta_dtype: dtype of scales and zeros.
+        rd_bits: ``rd`` mode budget in TRUE bits per K/V element of a quantized block (codes,
+            scales, zeros, tier map and 16-bit channels all counted).
+        bit_ladder: key widths the ``rd`` allocator may give a channel (16 = 16-bit floats).
+        value_bit_ladder: value widths the ``rd`` allocator may choose per block.
         backend: backend name (``"numpy"``, ``"torch"``, ``"cupy"``) or None to use
             ``$MIXKVQ_BACKEND`` or the kind of the arrays passed in.
     """
 
     policy: "str | SaliencePolicy" = "query_aware"
-    tier_mode: Literal["budget", "threshold"] = "budget"
+    tier_mode: Literal["budget", "threshold", "rd"] = "budget"
     budget: tuple[float, float] = (1 / 32, 1 / 8)
     thresholds: tuple[float, float] = (1.44, 0.79)
     high_dtype: str = "bfloat16"
@@ -56,13 +62,25 @@ class MixKVQConfig:
     value_window: Literal["block", "sliding"] = "block"
     meta_dtype: str = "float16"
     backend: str | None = None
+    rd_bits: float = 3.5
+    bit_ladder: tuple[int, ...] = (2, 3, 4, 8, 16)
+    value_bit_ladder: tuple[int, ...] = (2, 3, 4)
     _policy: SaliencePolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
         set_("_policy", get_policy(self.policy))
-        if self.tier_mode not in ("budget", "threshold"):
-            raise ValueError(f"tier_mode must be 'budget' or 'threshold'; got {self.tier_mode!r}")
+        if self.tier_mode not in ("budget", "threshold", "rd"):
+            raise ValueError(f"tier_mode must be 'budget', 'threshold' or 'rd'; got {self.tier_mode!r}")
+        set_("bit_ladder", _check_ladder(self.bit_ladder, "bit_ladder", allow_high=True))
+        set_("value_bit_ladder", _check_ladder(self.value_bit_ladder, "value_bit_ladder", allow_high=False))
+        try:
+            rd_bits = float(self.rd_bits)
+        except (TypeError, ValueError):
+            raise ValueError(f"rd_bits must be a number of bits per element; got {self.rd_bits!r}") from None
+        if not (math.isfinite(rd_bits) and rd_bits > 0):
+            raise ValueError(f"rd_bits must be a positive number of bits per element; got {self.rd_bits!r}")
+        set_("rd_bits", rd_bits)
         set_("budget", _check_budget(self.budget))
         set_("thresholds", _check_thresholds(self.thresholds))
         set_("high_dtype", canonical_dtype(self.high_dtype, allowed=HIGH_DTYPES, what="high_dtype"))
@@ -82,6 +100,11 @@ class MixKVQConfig:
             )
         if self.value_window not in ("block", "sliding"):
             raise ValueError(f"value_window must be 'block' or 'sliding'; got {self.value_window!r}")
+        if self.tier_mode == "rd":
+            if self.value_window != "block":
+                raise ValueError("tier_mode='rd' chooses the value width per block: it needs value_window='block'")
+            if not self._policy.mixed_precision:
+                raise ValueError(f"tier_mode='rd' allocates bits by salience; the policy {self._policy.name!r} has none")
         if self.backend is not None and not isinstance(self.backend, str):
             raise TypeError("backend must be a backend name such as 'numpy' or 'torch', or None")
 
@@ -96,6 +119,8 @@ class MixKVQConfig:
         """Tier widths from high to low, as stored in tier maps (16 = 16-bit floats)."""
         if not self._policy.mixed_precision:
             return (self.low_bits,)
+        if self.tier_mode == "rd":
+            return tuple(sorted(self.bit_ladder, reverse=True))
         return tuple(dict.fromkeys((HIGH_BITS, self.mid_bits, self.low_bits)))
 
     def budget_counts(self, head_dim: int) -> tuple[int, int]:
@@ -116,7 +141,8 @@ class MixKVQConfig:
         if not isinstance(self.policy, str):
             raise ValueError("only configs whose policy is a registered name can be serialised")
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        d["budget"], d["thresholds"] = list(self.budget), list(self.thresholds)
+        for key in ("budget", "thresholds", "bit_ladder", "value_bit_ladder"):
+            d[key] = list(d[key])
         return d
 
     @classmethod
@@ -126,7 +152,7 @@ class MixKVQConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         d = dict(data)
-        for key in ("budget", "thresholds"):
+        for key in ("budget", "thresholds", "bit_ladder", "value_bit_ladder"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -174,6 +200,20 @@ def _check_budget(budget: Any) -> tuple[float, float]:
             "(pass two ints for channel counts)"
         )
     return (fhi, fmid)
+
+
+def _check_ladder(ladder: Any, name: str, *, allow_high: bool) -> tuple[int, ...]:
+    try:
+        widths = tuple(ladder)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of bit widths; got {ladder!r}") from None
+    allowed = set(range(1, 9)) | ({HIGH_BITS} if allow_high else set())
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w not in allowed for w in widths):
+        extra = " or 16 (16-bit floats)" if allow_high else ""
+        raise ValueError(f"{name} entries must be integers in 1..8{extra}; got {ladder!r}")
+    if len(set(widths)) != len(widths):
+        raise ValueError(f"{name} has repeated widths: {ladder!r}")
+    return tuple(sorted(widths))
 
 
 def _check_thresholds(thresholds: Any) -> tuple[float, float]:

@@ -74,11 +74,14 @@ class KeyBlock:
 
 @dataclass
 class ValueRows:
-    """Per-token quantized values: packed ``(B, H, n, ceil(D*b/8))``, scale/zero ``(B, H, n, ceil(D/G))``."""
+    """Per-token quantized values: packed ``(B, H, n, ceil(D*bits/8))``, scale/zero
+    ``(B, H, n, ceil(D/G))``. ``bits`` is the chunk's width (``config.value_bits``, or the
+    width the ``rd`` allocator chose for the block)."""
 
     packed: Any
     scale: Any
     zero: Any
+    bits: int = 2
 
     def arrays(self) -> Iterator[Any]:
         yield from (self.packed, self.scale, self.zero)
@@ -116,14 +119,18 @@ def decode_key_block(backend: "Backend", block: KeyBlock, config: "MixKVQConfig"
     return out.swapaxes(-1, -2)
 
 
-def encode_values(backend: "Backend", values: Any, config: "MixKVQConfig", name: str = "values") -> ValueRows:
-    """Quantize values ``(B, H, n, D)`` per token (groups of G along the channels)."""
-    packed, scale, zero = backend.quantize(values, config.value_bits, config.group_size, config.meta_dtype, name)
-    return ValueRows(packed, scale, zero)
+def encode_values(backend: "Backend", values: Any, config: "MixKVQConfig", name: str = "values",
+                  bits: int | None = None) -> ValueRows:
+    """Quantize values ``(B, H, n, D)`` per token (groups of G along the channels) at ``bits``
+    (default ``config.value_bits``)."""
+    bits = config.value_bits if bits is None else bits
+    packed, scale, zero = backend.quantize(values, bits, config.group_size, config.meta_dtype, name)
+    return ValueRows(packed, scale, zero, bits)
 
 
 def decode_values(backend: "Backend", rows: ValueRows, config: "MixKVQConfig", head_dim: int) -> Any:
-    return backend.dequantize(rows.packed, rows.scale, rows.zero, config.value_bits, config.group_size, head_dim, "float32")
+    """Dequantize a value chunk to float32 ``(B, H, n, D)``."""
+    return backend.dequantize(rows.packed, rows.scale, rows.zero, rows.bits, config.group_size, head_dim, "float32")
 
 
 def nbytes_of(arrays: "Iterator[Any]") -> int:

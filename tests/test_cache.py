@@ -290,7 +290,7 @@ def test_metadata_overflow_mid_stream_leaves_the_cache_unchanged():
         (dict(mid_bits=9), r"mid_bits must be an integer in 1..8"),
         (dict(low_bits=0), r"low_bits must be"),
         (dict(value_bits=12), r"value_bits must be"),
-        (dict(tier_mode="ratio"), r"tier_mode must be 'budget' or 'threshold'"),
+        (dict(tier_mode="ratio"), r"tier_mode must be 'budget', 'threshold' or 'rd'"),
         (dict(budget=(0.9, 0.5)), r"budget fractions must lie in \[0, 1\] and sum to at most 1"),
         (dict(thresholds=(0.1, 0.5)), r"tau_high >= tau_mid"),
         (dict(meta_dtype="int8"), r"meta_dtype must be one of"),

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import mixkvq
@@ -43,7 +43,6 @@ def small_config(**kw):
 
 
 # -- streaming semantics --------------------------------------------------------------------------
-@settings(max_examples=25)
 @given(cuts=st.lists(st.integers(1, 199), max_size=6, unique=True), policy=st.sampled_from(["query_aware", "key_only", "query_only", "uniform"]),
        mode=st.sampled_from(["budget", "threshold"]), window=st.sampled_from(["block", "sliding"]))
 def test_chunked_append_equals_one_shot(cuts, policy, mode, window):

@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mixkvq import KVCache, MixKVQConfig, sim
@@ -33,7 +33,6 @@ def totals(model, widths, vwidth, ladder, value_ladder):
     return err, cost
 
 
-@settings(max_examples=40)
 @given(seed=st.integers(0, 10_000), budget=st.floats(3.2, 9.0), ladder=st.sampled_from([(2, 3, 4), (2, 4, 8), (2, 3, 4, 16)]))
 def test_greedy_is_optimal_for_the_bits_it_spends(seed, budget, ladder):
     value_ladder = (2, 3)

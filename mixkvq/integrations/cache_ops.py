@@ -1,0 +1,135 @@
+"""Batch selection and cropping of a :class:`~mixkvq.KVCache`, on its quantized storage.
+
+These are the structural edits a generation loop needs (beam search reorders the batch,
+``num_return_sequences`` repeats it, assisted decoding crops rejected tokens). They live in
+their own module, beside the core cache, and only move stored bytes around: **no token is
+ever re-quantized**.
+
+* :func:`select_batch` picks batch rows (any order, repeats allowed). Every stored array is
+  indexed along its batch axis; the tier rows of a key block, which are ordered
+  lexicographically by ``(batch, head, channel)`` (docs/numerics.md §6), are regrouped by
+  batch. The result holds exactly the bytes a cache fed with only those rows would hold
+  (quantization never mixes batch rows).
+* :func:`crop` removes the newest tokens: from the full-precision residual, and whole
+  quantized blocks. A cut strictly inside a quantized block would need the kept part of
+  the block re-quantized, so it is rejected with a clear error instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..cache import KVCache
+from ..layout import KeyBlock, TierRows, ValueRows
+
+
+def _index(backend: Any, like: Any, idx: np.ndarray) -> Any:
+    """``idx`` as an index array usable on ``like`` (NumPy array or torch tensor)."""
+    if type(like).__module__.split(".")[0] == "torch":
+        import torch
+
+        return torch.as_tensor(idx, dtype=torch.long, device=like.device)
+    return idx
+
+
+def _take(a: Any, idx: np.ndarray) -> Any:
+    if a is None:
+        return None
+    return a[_index(None, a, idx)]
+
+
+def _select_block(block: KeyBlock, idx: np.ndarray, backend: Any) -> KeyBlock:
+    tm = np.asarray(backend.to_numpy(block.tier_map))
+    new = KeyBlock(tier_map=_take(block.tier_map, idx), n_tokens=block.n_tokens)
+    for bits, rows in block.tiers.items():
+        per_batch = (tm == bits).reshape(tm.shape[0], -1).sum(axis=1)
+        starts = np.concatenate([[0], np.cumsum(per_batch)[:-1]])
+        row_idx = np.concatenate([np.arange(starts[b], starts[b] + per_batch[b]) for b in idx]).astype(np.int64) \
+            if len(idx) else np.zeros(0, np.int64)
+        new.tiers[bits] = TierRows(bits, _take(rows.packed, row_idx), _take(rows.scale, row_idx), _take(rows.zero, row_idx))
+    return new
+
+
+def query_position(cache: KVCache) -> int:
+    """Tokens of the stream whose queries the cache has observed."""
+    return int(cache._state.q_position)
+
+
+def select_batch(cache: KVCache, indices: "Sequence[int] | Any") -> None:
+    """Keep batch rows ``indices`` (in that order; repeats allowed), in place.
+
+    Raises ValueError for an index outside ``[0, batch)`` or an empty selection; the cache
+    is unchanged then.
+    """
+    if cache._shape is None:  # empty cache: nothing stored yet
+        return
+    idx = np.asarray(indices.detach().cpu().numpy() if hasattr(indices, "detach") else indices, dtype=np.int64).reshape(-1)
+    B, H, D = cache._shape
+    if idx.size == 0:
+        raise ValueError("select_batch needs at least one batch index")
+    if idx.min() < 0 or idx.max() >= B:
+        raise ValueError(f"batch indices must lie in [0, {B}); got {idx.tolist()}")
+    backend = cache.backend
+    s = cache._state.copy()
+    s.key_blocks = [_select_block(b, idx, backend) for b in s.key_blocks]
+    s.value_rows = [ValueRows(_take(r.packed, idx), _take(r.scale, idx), _take(r.zero, idx)) for r in s.value_rows]
+    s.residual_keys = _take(s.residual_keys, idx)
+    s.residual_values = _take(s.residual_values, idx)
+    s.qsum = _take(s.qsum, idx)
+    s.snapshots = {m: (_take(q, idx), c) for m, (q, c) in s.snapshots.items()}
+    cache._state = s
+    cache._shape = (int(idx.size), H, D)
+    # cache._template is a zero-batch slice (kind/device/dtype only): nothing to select
+
+
+def crop(cache: KVCache, n_tokens: int) -> None:
+    """Keep the first ``n_tokens`` tokens, in place (``n_tokens < 0`` removes ``-n_tokens``).
+
+    Tokens leave the full-precision residual first, then whole quantized blocks. A cut that
+    falls strictly inside a quantized block raises ValueError (the kept part would have to be
+    re-quantized); the cache is unchanged then. The query statistics keep the queries already
+    observed (they are a running mean over the stream); only queries of removed tokens that
+    were never folded into a flushed block's snapshot are forgotten from the position count.
+    """
+    total = cache.seq_len
+    keep = total + n_tokens if n_tokens < 0 else n_tokens
+    if keep < 0:
+        raise ValueError(f"cannot remove {-n_tokens} tokens from a cache holding {total}")
+    if keep >= total:
+        return
+    R = cache.config.residual_length
+    s = cache._state.copy()
+    nq = s.n_key_quantized
+    if keep < nq:
+        if keep % R:
+            raise ValueError(
+                f"crop to {keep} tokens would cut quantized block {keep // R} (tokens {keep // R * R}..{keep // R * R + R - 1}) "
+                f"in two and re-quantize it; crop to a block boundary (a multiple of residual_length={R}) or to at least "
+                f"{nq} tokens (the quantized prefix)"
+            )
+        n_blocks = keep // R
+        s.key_blocks = s.key_blocks[:n_blocks]
+        s.residual_keys = s.residual_keys[:, :, :0]
+    else:
+        s.residual_keys = s.residual_keys[:, :, : keep - nq]
+    nv = s.n_value_quantized
+    if keep < nv:
+        # values of the removed tokens: whole value chunks, then rows inside a chunk (per-token
+        # quantization: dropping rows never changes the kept ones)
+        rows, acc = [], 0
+        for r in s.value_rows:
+            if acc >= keep:
+                break
+            take = min(r.n_tokens, keep - acc)
+            rows.append(r if take == r.n_tokens else ValueRows(r.packed[:, :, :take], r.scale[:, :, :take], r.zero[:, :, :take]))
+            acc += take
+        s.value_rows = rows
+        s.residual_values = s.residual_values[:, :, :0]
+    else:
+        s.residual_values = s.residual_values[:, :, : keep - nv]
+    s.n_tokens = keep
+    s.q_position = min(s.q_position, keep)
+    s.snapshots = {m: v for m, v in s.snapshots.items() if m <= keep}
+    cache._state = s

@@ -1,0 +1,323 @@
+"""MixKVQ as a drop-in transformers cache (tested against transformers 5.24).
+
+Usage::
+
+    from mixkvq import MixKVQConfig
+    from mixkvq.integrations.transformers import MixKVQCache, enable
+
+    enable(model)                              # attention implementation "mixkvq"
+    cache = MixKVQCache(MixKVQConfig(), model_config=model.config)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+
+How it works (docs/integration.md has the details):
+
+* Each attention layer gets a :class:`MixKVQLayer` holding one core
+  :class:`~mixkvq.KVCache`. ``update(k, v)`` appends the new tokens and returns the
+  layer's history **as it was stored before the call** (quantized blocks dequantized, the
+  full-precision residual) followed by the new tokens in full precision — what a deployment
+  kernel sees: the tokens of the current forward attend to each other exactly, everything
+  older is read from the quantized storage.
+* The attention function ``"mixkvq"`` (registered through ``AttentionInterface`` by
+  :func:`register`) receives the query states, feeds them to
+  :meth:`~mixkvq.KVCache.observe_queries` of the layer that was just updated (this is
+  what lets a query-aware block flush), then computes standard SDPA attention on the K/V
+  that ``update`` returned. No model code is patched.
+* Dequantized blocks are memoised per layer (quantized tokens never change, so neither
+  does their dequantized form); ``nbytes`` counts only the quantized storage.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..backend import get_backend
+from ..cache import KVCache
+from ..config import MixKVQConfig
+from ..layout import decode_key_block, decode_values
+from . import cache_ops
+
+ATTN_IMPLEMENTATION = "mixkvq"
+TESTED_TRANSFORMERS = "5.24"
+
+
+def default_backend_name() -> str:
+    """``"torch"`` when the torch backend is importable, else ``"numpy"`` (the simulator,
+    with torch tensors converted in and out)."""
+    env = os.environ.get("MIXKVQ_BACKEND")
+    if env:
+        return env
+    try:
+        from mixkvq.backends.torch import TorchBackend  # noqa: F401
+    except ImportError:
+        return "numpy"
+    return "torch"
+
+
+def _with_backend(config: MixKVQConfig) -> MixKVQConfig:
+    return config if config.backend is not None else config.replace(backend=default_backend_name())
+
+
+@dataclass
+class _Pending:
+    layer: "MixKVQLayer"
+    layer_idx: int
+    n_tokens: int
+
+
+#: The layer updated last in this context, waiting for its queries (set by ``update``,
+#: consumed by the ``"mixkvq"`` attention function of the same layer).
+_PENDING: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar("mixkvq_pending", default=None)
+
+
+class MixKVQLayer(CacheLayerMixin):
+    """One attention layer's MixKVQ cache, in the transformers layer API."""
+
+    is_compileable = False
+    is_croppable = False  # crops inside a quantized block are refused (see cache_ops.crop)
+    is_sliding = False
+
+    def __init__(self, config: MixKVQConfig | None = None) -> None:
+        super().__init__()
+        self.config = _with_backend(config or MixKVQConfig())
+        self.kv = KVCache(self.config)
+        self._memo_k: torch.Tensor | None = None  # dequantized key blocks (model dtype)
+        self._memo_v: torch.Tensor | None = None
+        self._memo_blocks = 0
+        self._memo_vrows = 0
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+
+    # -- CacheLayerMixin ----------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``(B, H, T, D)`` keys/values; return ``(past + new)`` keys and values."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        policy = self.config.salience_policy
+        if policy.uses_queries and self.kv.seq_len > cache_ops.query_position(self.kv):
+            raise RuntimeError(
+                f"MixKVQCache: the policy {policy.name!r} needs the query states, but the last "
+                f"{self.kv.seq_len - cache_ops.query_position(self.kv)} tokens of this layer never reached the cache. "
+                "Use the 'mixkvq' attention implementation: call mixkvq.integrations.transformers.enable(model) "
+                "(or model.set_attn_implementation('mixkvq') after register()), or use a policy that does not "
+                "need queries ('key_only', 'uniform')"
+            )
+        past_k, past_v = self.past()
+        self.kv.append(key_states.detach(), value_states.detach())
+        if past_k is None:
+            return key_states, value_states
+        return torch.cat([past_k, key_states], dim=-2), torch.cat([past_v, value_states], dim=-2)
+
+    def observe(self, query_states: torch.Tensor) -> None:
+        """Feed the queries of the tokens appended last (called by the attention function)."""
+        if self.config.salience_policy.uses_queries:
+            self.kv.observe_queries(query_states.detach())
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.kv.seq_len
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.kv = KVCache(self.config)
+        self._drop_memo()
+        self.is_initialized = False
+
+    def offload(self) -> None:  # storage stays where it is (CPU for the NumPy backend)
+        return None
+
+    def prefetch(self) -> None:
+        return None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search — on the quantized storage, no re-quantization."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        idx = torch.as_tensor(indices).reshape(-1).to("cpu", torch.long)
+        if self.kv.seq_len == 0:
+            return
+        cache_ops.select_batch(self.kv, idx)
+        if self._memo_k is not None:
+            dev = self._memo_k.device
+            self._memo_k = self._memo_k.index_select(0, idx.to(dev))
+            self._memo_v = self._memo_v.index_select(0, idx.to(dev))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.kv.seq_len == 0 or self.kv._shape is None:
+            return
+        B = self.kv._shape[0]
+        self.batch_select_indices(torch.arange(B).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest tokens (negative count, transformers' convention; a non-negative
+        value is the length to keep). Refuses a cut inside a quantized block."""
+        if tokens_to_remove == 0 or self.kv.seq_len == 0:
+            return
+        cache_ops.crop(self.kv, tokens_to_remove)
+        self._drop_memo()
+
+    # -- reading ------------------------------------------------------------------------------
+    def _drop_memo(self) -> None:
+        self._memo_k = self._memo_v = None
+        self._memo_blocks = self._memo_vrows = 0
+
+    def _torch(self, x: Any) -> torch.Tensor:
+        """A backend array as a tensor in the model's dtype and device (exact conversion)."""
+        if isinstance(x, torch.Tensor):
+            return x.to(device=self.device, dtype=self.dtype)
+        a = self.kv.backend.to_numpy(x)
+        t = torch.from_numpy(a)
+        if a.dtype.name == "uint16" and self.kv._dtype == "bfloat16":  # bfloat16 bit patterns
+            t = t.view(torch.bfloat16)
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def past(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The stored history as ``(B, H, T, D)`` tensors in the model dtype: dequantized
+        quantized tokens, then the full-precision residual."""
+        if self.kv.seq_len == 0:
+            return None, None
+        kv, backend = self.kv, self.kv.backend
+        blocks, vrows = kv.key_blocks, kv.value_rows
+        if len(blocks) > self._memo_blocks:
+            new = [decode_key_block(backend, b, self.config) for b in blocks[self._memo_blocks:]]
+            parts = [self._torch(x) for x in new]
+            self._memo_k = torch.cat(([self._memo_k] if self._memo_k is not None else []) + parts, dim=2)
+            self._memo_blocks = len(blocks)
+        if len(vrows) > self._memo_vrows:
+            D = kv._shape[2]
+            new = [decode_values(backend, r, self.config, D) for r in vrows[self._memo_vrows:]]
+            parts = [self._torch(x) for x in new]
+            self._memo_v = torch.cat(([self._memo_v] if self._memo_v is not None else []) + parts, dim=2)
+            self._memo_vrows = len(vrows)
+        rk, rv = kv.residual
+        rk = self._torch(rk) if rk is not None else None
+        rv = self._torch(rv) if rv is not None else None
+        ks = [t for t in (self._memo_k, rk) if t is not None and t.shape[2]]
+        vs = [t for t in (self._memo_v, rv) if t is not None and t.shape[2]]
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+
+class MixKVQCache(Cache):
+    """A transformers :class:`~transformers.Cache` that stores K/V with MixKVQ.
+
+    Args:
+        config: the :class:`~mixkvq.MixKVQConfig` (default: the paper's), or a path to a
+            config JSON (``mixkvq calibrate`` writes one). Its ``backend`` defaults to
+            :func:`default_backend_name`.
+        model_config: the model's config; when given, one layer per hidden layer is created
+            up front (otherwise layers appear lazily on first use).
+        layer_configs: optional per-layer overrides ``{layer_idx: MixKVQConfig}``.
+
+    Query-aware policies need the ``"mixkvq"`` attention implementation (:func:`enable`).
+    """
+
+    def __init__(self, config: "MixKVQConfig | str | os.PathLike[str] | None" = None, *, model_config: Any = None,
+                 layer_configs: dict[int, MixKVQConfig] | None = None) -> None:
+        if config is not None and not isinstance(config, MixKVQConfig):
+            config = MixKVQConfig.load(config)
+        self.mixkvq_config = _with_backend(config or MixKVQConfig())
+        self.layer_configs = {i: _with_backend(c) for i, c in (layer_configs or {}).items()}
+        get_backend(self.mixkvq_config.backend)  # fail now, not inside generate(), if unusable
+        layers = None
+        if model_config is not None:
+            text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+            n = int(text.num_hidden_layers)
+            layers = [MixKVQLayer(self._layer_config(i)) for i in range(n)]
+            super().__init__(layers=layers)
+        else:
+            super().__init__(layer_class_to_replicate=self._next_layer)
+
+    def _layer_config(self, i: int) -> MixKVQConfig:
+        return self.layer_configs.get(i, self.mixkvq_config)
+
+    def _next_layer(self) -> MixKVQLayer:
+        return MixKVQLayer(self._layer_config(len(self.layers)))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        _PENDING.set(_Pending(self.layers[layer_idx], layer_idx, int(key_states.shape[2])))
+        return k, v
+
+    # -- accounting ----------------------------------------------------------------------------
+    @property
+    def kv_caches(self) -> list[KVCache]:
+        """The core cache of every layer."""
+        return [layer.kv for layer in self.layers]
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes over all layers (quantized storage, residual, query statistics)."""
+        return sum(c.nbytes for c in self.kv_caches)
+
+    @property
+    def n_elements(self) -> int:
+        return sum(c.n_elements for c in self.kv_caches)
+
+    @property
+    def bits_per_element(self) -> float:
+        """True stored bits per K/V element over all layers."""
+        n = self.n_elements
+        return 8.0 * self.nbytes / n if n else 0.0
+
+    @property
+    def nominal_bits(self) -> float:
+        """Code bits per quantized element, averaged over layers weighted by their tokens."""
+        num = den = 0.0
+        for c in self.kv_caches:
+            q = c.n_quantized
+            num += c.nominal_bits * q
+            den += q
+        return num / den if den else 0.0
+
+
+# -- attention function -------------------------------------------------------------------------
+def mixkvq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The ``"mixkvq"`` attention: hand the queries to the layer's cache, then SDPA.
+
+    ``key``/``value`` are what :meth:`MixKVQLayer.update` returned (stored history + the new
+    tokens). With any other cache (or none) this is plain SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pending = _PENDING.get()
+    if pending is not None:
+        _PENDING.set(None)
+        layer_idx = getattr(module, "layer_idx", pending.layer_idx)
+        if layer_idx == pending.layer_idx and int(query.shape[2]) == pending.n_tokens:
+            pending.layer.observe(query)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register() -> None:
+    """Register the ``"mixkvq"`` attention function (and its SDPA-style mask) with transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, mixkvq_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def enable(model: Any) -> Any:
+    """Register the attention function and switch ``model`` to it; returns the model."""
+    register()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+__all__ = ["MixKVQCache", "MixKVQLayer", "mixkvq_attention_forward", "register", "enable",
+           "default_backend_name", "ATTN_IMPLEMENTATION"]

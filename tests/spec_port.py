@@ -1,0 +1,635 @@
+"""An independent, deliberately scalar port of docs/numerics.md (format version 1).
+
+Written from the spec text alone, to show the spec is sufficient: it uses nothing
+from the package but numpy scalars and the standard library.  Every float32 operation is
+a single numpy float32 scalar operation (so each one is rounded to binary32 on its own,
+never fused); bit packing uses Python ints; float16 / bfloat16 rounding is done here from
+the binary32 bit pattern.  Everything runs one group / one element at a time, so it is
+slow, but it is meant to be read, not to be fast.
+
+Section numbers (§n) refer to docs/numerics.md.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+
+F32 = np.float32
+ZERO32 = F32(0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Bit-level helpers (§1, §2)
+# ---------------------------------------------------------------------------------------
+
+def f32_bits(x) -> int:
+    """The binary32 bit pattern of a float32 value, as a Python int."""
+    return struct.unpack("<I", struct.pack("<f", float(x)))[0]
+
+
+def bits_f32(u: int) -> np.float32:
+    return F32(struct.unpack("<f", struct.pack("<I", u & 0xFFFFFFFF))[0])
+
+
+def is_finite32(x) -> bool:
+    return (f32_bits(x) >> 23) & 0xFF != 0xFF
+
+
+def int_to_f32(n: int) -> np.float32:
+    """Exact int -> float32 with round-to-nearest-even (§7 step 5), no double rounding."""
+    if n == 0:
+        return F32(0.0)
+    sign = -1 if n < 0 else 1
+    a = abs(n)
+    nbits = a.bit_length()
+    if nbits <= 24:
+        return F32(sign * a)
+    shift = nbits - 24
+    q, r = a >> shift, a & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    if r > half or (r == half and (q & 1)):
+        q += 1
+    return F32(sign * math.ldexp(q, shift))  # q * 2^shift is exact in float64
+
+
+# bfloat16 — §2: u' = (u + 0x7FFF + ((u >> 16) & 1)) >> 16, unsigned 32-bit arithmetic.
+def bf16_bits(x) -> int:
+    u = f32_bits(x)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFFFFFF) >> 16
+
+
+def bf16_value(bits16: int) -> np.float32:
+    return bits_f32(bits16 << 16)
+
+
+# float16 — IEEE binary16, round-to-nearest-even, gradual underflow (§2).
+def f16_bits(x) -> int:
+    v = float(x)  # exact: a float32 fits in a float64
+    sign = 0x8000 if math.copysign(1.0, v) < 0 else 0
+    a = abs(v)
+    if a == 0.0:
+        return sign
+    if math.isinf(a):
+        return sign | 0x7C00
+    _, e2 = math.frexp(a)          # a = f * 2^e2, f in [0.5, 1)
+    e = max(e2 - 1, -14)           # unbiased exponent; -14 also covers subnormals
+    n = round(math.ldexp(a, 10 - e))  # exact scaling; round() is half-to-even
+    if n >= 2048:                  # mantissa carried into the next binade
+        e += 1
+        n //= 2
+    if e > 15:
+        return sign | 0x7C00      # overflow to Inf
+    if e == -14:
+        return sign | n            # subnormal (n < 1024) or smallest binade (n in 1024..2047)
+    return sign | ((e + 15) << 10) | (n - 1024)
+
+
+def f16_value(bits16: int) -> np.float32:
+    sign = -1.0 if bits16 & 0x8000 else 1.0
+    e = (bits16 >> 10) & 0x1F
+    m = bits16 & 0x3FF
+    if e == 0x1F:
+        return F32(sign * math.inf) if m == 0 else F32(math.nan)
+    if e == 0:
+        return F32(sign * math.ldexp(m, -24))
+    return F32(sign * math.ldexp(1024 + m, e - 25))
+
+
+def is_inf16(bits16: int) -> bool:
+    return (bits16 & 0x7FFF) == 0x7C00
+
+
+def is_inf_bf16(bits16: int) -> bool:
+    return (bits16 & 0x7FFF) == 0x7F80
+
+
+class MetaDtype:
+    """round_meta for one metadata dtype: returns (stored bits, float32 value)."""
+
+    def __init__(self, name: str):
+        if name not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"unknown meta dtype {name!r}")
+        self.name = name
+
+    def round(self, v) -> tuple[int, np.float32]:
+        if self.name == "float32":
+            return f32_bits(v), F32(v)
+        if self.name == "float16":
+            b = f16_bits(v)
+            return b, f16_value(b)
+        b = bf16_bits(v)
+        return b, bf16_value(b)
+
+    def overflowed(self, value) -> bool:
+        return not is_finite32(value)
+
+    @property
+    def bits_dtype(self):
+        return np.uint32 if self.name == "float32" else np.uint16
+
+
+# ---------------------------------------------------------------------------------------
+# §1 input checks
+# ---------------------------------------------------------------------------------------
+
+def to_f32_list(arr, name: str) -> list:
+    """Upcast to float32 (float64 rounded RNE), reject non-finite values (§1)."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "f" and arr.dtype.name != "bfloat16":
+        raise ValueError(f"{name}: dtype {arr.dtype} is not accepted")
+    flat = arr.reshape(-1).tolist()
+    out = []
+    for i, v in enumerate(flat):
+        if not math.isfinite(v):
+            idx = np.unravel_index(i, arr.shape)
+            raise ValueError(f"{name}: non-finite value at index {tuple(int(k) for k in idx)}")
+        out.append(F32(v))  # float64 -> float32 is RNE; f16/f32 values are exact
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# §5 bit packing
+# ---------------------------------------------------------------------------------------
+
+def pack_row(codes, b: int) -> bytes:
+    stream = 0
+    for i, c in enumerate(codes):
+        c = int(c)
+        if not 0 <= c < (1 << b):
+            raise ValueError(f"code {c} does not fit in {b} bits")
+        stream |= c << (i * b)
+    nbytes = (len(codes) * b + 7) // 8
+    return stream.to_bytes(nbytes, "little")
+
+
+def unpack_row(data: bytes, b: int, n: int) -> list:
+    stream = int.from_bytes(bytes(data), "little")
+    mask = (1 << b) - 1
+    return [(stream >> (i * b)) & mask for i in range(n)]
+
+
+def pack(codes2d, b: int) -> np.ndarray:
+    rows = [pack_row(list(r), b) for r in np.asarray(codes2d).reshape(-1, np.shape(codes2d)[-1])]
+    width = (np.shape(codes2d)[-1] * b + 7) // 8
+    out = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), width)
+    return out.reshape(tuple(np.shape(codes2d)[:-1]) + (width,))
+
+
+# ---------------------------------------------------------------------------------------
+# §3 quantization of one group / one row, §4 dequantization
+# ---------------------------------------------------------------------------------------
+
+class GroupResult:
+    __slots__ = ("codes", "s_bits", "z_bits", "s", "z")
+
+    def __init__(self, codes, s_bits, z_bits, s, z):
+        self.codes, self.s_bits, self.z_bits, self.s, self.z = codes, s_bits, z_bits, s, z
+
+
+def quantize_group(xs, b: int, meta: MetaDtype, what: str = "tensor", where=()) -> GroupResult:
+    L = (1 << b) - 1
+    # 1. exact min / max
+    mn = xs[0]
+    mx = xs[0]
+    for x in xs[1:]:
+        if x < mn:
+            mn = x
+        if x > mx:
+            mx = x
+    # 2. canonicalise -0 to +0
+    mn = F32(mn + ZERO32)
+    mx = F32(mx + ZERO32)
+    # 3. range and float32 scale (true division)
+    rng = F32(mx - mn)
+    scale32 = F32(rng / F32(L))
+    # 4. round into the metadata dtype, overflow check
+    s_bits, s = meta.round(scale32)
+    z_bits, z = meta.round(mn)
+    if meta.overflowed(s) or meta.overflowed(z):
+        raise ValueError(
+            f"{what}: group {where} overflows {meta.name} metadata; "
+            "use meta_dtype='float32' or 'bfloat16'")
+    # 5. codes
+    codes = []
+    for x in xs:
+        if s == 0:
+            codes.append(0)
+            continue
+        d = F32(x - z)
+        t = F32(d / s)
+        c = round(float(t))  # Python round(): half to even, exact on a float
+        codes.append(min(max(c, 0), L))
+    return GroupResult(codes, s_bits, z_bits, s, z)
+
+
+def dequantize_code(code: int, s, z) -> np.float32:
+    return F32(F32(F32(code) * s) + z)
+
+
+def quantize_row(xs, b: int, G: int, meta: MetaDtype, what="tensor", where=()):
+    """One row -> (codes, [s_bits], [z_bits], [s], [z]), groups of G (last may be short)."""
+    codes, sb, zb, ss, zz = [], [], [], [], []
+    for gi, start in enumerate(range(0, len(xs), G)):
+        g = quantize_group(xs[start:start + G], b, meta, what, where + (gi,))
+        codes.extend(g.codes)
+        sb.append(g.s_bits)
+        zb.append(g.z_bits)
+        ss.append(g.s)
+        zz.append(g.z)
+    return codes, sb, zb, ss, zz
+
+
+def dequantize_row(codes, ss, zs, G: int) -> list:
+    return [dequantize_code(c, ss[i // G], zs[i // G]) for i, c in enumerate(codes)]
+
+
+def quantize_rows(x2d, b: int, G: int, meta_name: str, what="x"):
+    """Quantize each row of a 2-D array (§3) and pack it (§5).
+
+    Returns dict with packed uint8, scale / zero as raw bits, dequantized float32.
+    """
+    meta = MetaDtype(meta_name)
+    x2d = np.asarray(x2d)
+    nrows, n = x2d.shape
+    flat = to_f32_list(x2d, what)
+    ngroups = -(-n // G)
+    packed, sbits, zbits, deq = [], [], [], []
+    for r in range(nrows):
+        xs = flat[r * n:(r + 1) * n]
+        codes, sb, zb, ss, zz = quantize_row(xs, b, G, meta, what, (r,))
+        packed.append(pack_row(codes, b))
+        sbits.append(sb)
+        zbits.append(zb)
+        # dequantize from the *packed* bytes, as a reader would
+        deq.append(dequantize_row(unpack_row(packed[-1], b, n), ss, zz, G))
+    width = (n * b + 7) // 8
+    return {
+        "packed": np.frombuffer(b"".join(packed), np.uint8).reshape(nrows, width),
+        "scale": np.array(sbits, dtype=meta.bits_dtype).reshape(nrows, ngroups),
+        "zero": np.array(zbits, dtype=meta.bits_dtype).reshape(nrows, ngroups),
+        "dequantized": np.array([[float(v) for v in row] for row in deq],
+                                dtype=np.float32).reshape(nrows, n),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# 16-bit rows (§6, w == 16)
+# ---------------------------------------------------------------------------------------
+
+def half_round(x, high_dtype: str) -> int:
+    if high_dtype == "bfloat16":
+        b = bf16_bits(x)
+        if is_inf_bf16(b):
+            raise ValueError("value overflows bfloat16")
+        return b
+    if high_dtype == "float16":
+        b = f16_bits(x)
+        if is_inf16(b):
+            raise ValueError("value overflows float16")
+        return b
+    raise ValueError(f"unknown high dtype {high_dtype!r}")
+
+
+def half_decode(bits16: int, high_dtype: str) -> np.float32:
+    return bf16_value(bits16) if high_dtype == "bfloat16" else f16_value(bits16)
+
+
+def encode_half_row(xs, high_dtype: str) -> bytes:
+    return b"".join(half_round(x, high_dtype).to_bytes(2, "little") for x in xs)
+
+
+def decode_half_row(data: bytes, high_dtype: str) -> list:
+    return [half_decode(int.from_bytes(data[2 * i:2 * i + 2], "little"), high_dtype)
+            for i in range(len(data) // 2)]
+
+
+def half_rows(x2d, high_dtype: str):
+    x2d = np.asarray(x2d)
+    nrows, n = x2d.shape
+    flat = to_f32_list(x2d, "x")
+    packed = [encode_half_row(flat[r * n:(r + 1) * n], high_dtype) for r in range(nrows)]
+    decoded = [[float(v) for v in decode_half_row(p, high_dtype)] for p in packed]
+    return {
+        "packed": np.frombuffer(b"".join(packed), np.uint8).reshape(nrows, 2 * n),
+        "decoded": np.array(decoded, dtype=np.float32).reshape(nrows, n),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# §7 query statistics, §8 salience and tiers, §6 key-block layout, §9 the stream
+# ---------------------------------------------------------------------------------------
+
+SCALE_Q = F32(65536.0)
+SAT_Q = 1 << 40
+
+
+def query_fixed_point(q) -> int:
+    """§7 step 2 for one element."""
+    a = abs(F32(q))
+    m = F32(a * SCALE_Q)
+    if not is_finite32(m):
+        return SAT_Q
+    return min(round(float(m)), SAT_Q)
+
+
+def relevance(qsum: int, nq: int, n_rep: int) -> np.float32:
+    """§7 step 5."""
+    if nq == 0:
+        return F32(1.0)
+    return F32(int_to_f32(qsum) / int_to_f32(nq * n_rep * 65536))
+
+
+def channel_minmax(xs):
+    mn = mx = xs[0]
+    for x in xs[1:]:
+        if x < mn:
+            mn = x
+        if x > mx:
+            mx = x
+    return F32(mn + ZERO32), F32(mx + ZERO32)
+
+
+def budget_count(f, D: int) -> int:
+    """§8: a fraction becomes floor(f*D + 0.5).  Integers are taken as counts (a guess,
+    see the report: the golden vectors store budget=[2, 4] and expect 2 and 4 channels)."""
+    if isinstance(f, (int, np.integer)):
+        return int(f)
+    return int(math.floor(f * D + 0.5))
+
+
+class PortConfig:
+    def __init__(self, *, group_size, residual_length, meta_dtype="float16",
+                 high_dtype="bfloat16", policy="query_aware", tier_mode="budget",
+                 tiers=(16, 4, 2), budget=None, thresholds=None, value_bits=2,
+                 value_window="block"):
+        self.G = group_size
+        self.R = residual_length
+        self.meta = MetaDtype(meta_dtype)
+        self.high_dtype = high_dtype
+        self.policy = policy
+        self.tier_mode = tier_mode
+        self.tiers = tuple(tiers)          # (high, mid, low)
+        self.budget = budget               # (n_high, n_mid) counts or fractions
+        self.thresholds = thresholds       # (tau_high, tau_mid)
+        self.value_bits = value_bits
+        self.value_window = value_window
+        if self.R % self.G:
+            raise ValueError("residual_length must be a multiple of group_size")
+
+    @property
+    def stored_widths(self):
+        """Widths that get a per-tier array group in a key block, highest first.  For
+        `uniform` only the low tier exists (a guess: §6 does not say; the golden vector of a
+        uniform cache stores only the low tier, while other caches store empty tiers)."""
+        if self.policy == "uniform":
+            return (self.tiers[-1],)
+        return tuple(sorted(set(self.tiers), reverse=True))
+
+    @property
+    def uses_queries(self):
+        return self.policy in ("query_aware", "query_only")
+
+
+def assign_tiers(A, cfg: PortConfig) -> list:
+    """Tier widths for the D channels of one (b, h) in one block (§8)."""
+    high, mid, low = cfg.tiers
+    D = len(A)
+    if cfg.policy == "uniform":
+        return [low] * D
+    if cfg.tier_mode == "threshold":
+        th = F32(cfg.thresholds[0])
+        tm = F32(cfg.thresholds[1])
+        out = []
+        for a in A:
+            if a > th:
+                out.append(high)
+            elif a > tm:
+                out.append(mid)
+            else:
+                out.append(low)
+        return out
+    n_high = budget_count(cfg.budget[0], D)
+    n_mid = budget_count(cfg.budget[1], D)
+    order = sorted(range(D), key=lambda d: (-float(A[d]), d))  # A descending, stable
+    out = [low] * D
+    for rank, d in enumerate(order):
+        if rank < n_high:
+            out[d] = high
+        elif rank < n_high + n_mid:
+            out[d] = mid
+    return out
+
+
+class PortCache:
+    """A streaming cache following §9.  Inputs are kept as flat lists of float32 scalars,
+    indexed [b][h][t][d]; outputs mirror the golden-vector arrays."""
+
+    def __init__(self, cfg: PortConfig, B: int, H: int, D: int):
+        self.cfg, self.B, self.H, self.D = cfg, B, H, D
+        self.keys = []     # per token t: list over (b, h, d) of float32 (input order)
+        self.values = []
+        self.n_rep = None
+        self.qsum = [0] * (B * H * D)
+        self.nq = 0
+        self.snapshots = {}            # block index -> (qsum copy, nq)
+        self.blocks = []               # flushed key blocks
+        self.value_tokens = {}         # token -> (packed bytes per (b,h), s_bits, z_bits, deq)
+        self.n_flushed = 0
+
+    # -- input -----------------------------------------------------------------------------
+    def _idx(self, b, h, d):
+        return (b * self.H + h) * self.D + d
+
+    def observe_queries(self, q):
+        q = np.asarray(q)
+        B, Hq, T, D = q.shape
+        if Hq % self.H:
+            raise ValueError("query heads must be a multiple of kv heads")
+        n_rep = Hq // self.H
+        if self.n_rep is None:
+            self.n_rep = n_rep
+        flat = to_f32_list(q, "queries")
+        if self.nq + T > len(self.keys):
+            raise ValueError("the query stream may not lead the key stream")
+        for t in range(T):
+            for b in range(B):
+                for j in range(Hq):
+                    h = j // n_rep
+                    base = ((b * Hq + j) * T + t) * D
+                    for d in range(D):
+                        self.qsum[self._idx(b, h, d)] += query_fixed_point(flat[base + d])
+            self.nq += 1
+            if self.nq % self.cfg.R == 0:
+                self.snapshots[self.nq // self.cfg.R - 1] = (list(self.qsum), self.nq)
+        self._flush()
+
+    def append(self, keys, values, queries=None):
+        keys, values = np.asarray(keys), np.asarray(values)
+        B, H, T, D = keys.shape
+        kf = to_f32_list(keys, "keys")
+        vf = to_f32_list(values, "values")
+        for t in range(T):
+            self.keys.append([kf[((b * H + h) * T + t) * D + d]
+                              for b in range(B) for h in range(H) for d in range(D)])
+            self.values.append([vf[((b * H + h) * T + t) * D + d]
+                                for b in range(B) for h in range(H) for d in range(D)])
+        if queries is not None:
+            self.observe_queries(queries)
+        else:
+            self._flush()
+
+    # -- flushing ---------------------------------------------------------------------------
+    def _flush(self):
+        cfg = self.cfg
+        while (self.n_flushed + 1) * cfg.R <= len(self.keys):
+            j = self.n_flushed
+            if cfg.uses_queries and self.nq < (j + 1) * cfg.R:
+                break
+            self._flush_block(j)
+            self.n_flushed += 1
+        # values
+        if cfg.value_window == "sliding":
+            last = len(self.keys) - cfg.R
+        else:
+            last = self.n_flushed * cfg.R
+        for t in range(len(self.value_tokens), max(last, 0)):
+            self._quantize_value_token(t)
+
+    def _flush_block(self, j):
+        cfg, B, H, D, R = self.cfg, self.B, self.H, self.D, self.cfg.R
+        high, mid, low = cfg.tiers
+        snap = self.snapshots.get(j, (None, 0))
+        tier_map = [0] * (B * H * D)
+        cols = {}
+        for b in range(B):
+            for h in range(H):
+                A = []
+                for d in range(D):
+                    i = self._idx(b, h, d)
+                    col = [self.keys[t][i] for t in range(j * R, (j + 1) * R)]
+                    cols[i] = col
+                    mn, mx = channel_minmax(col)
+                    S = F32(F32(mx - mn) / F32((1 << low) - 1))
+                    I = relevance(snap[0][i], snap[1], self.n_rep) if snap[0] else F32(1.0)
+                    if cfg.policy == "query_aware":
+                        A.append(F32(I * S))
+                    elif cfg.policy == "key_only":
+                        A.append(S)
+                    elif cfg.policy == "query_only":
+                        A.append(I)
+                    else:
+                        A.append(ZERO32)
+                for d, w in enumerate(assign_tiers(A, cfg)):
+                    tier_map[self._idx(b, h, d)] = w
+        block = {"tier_map": tier_map, "tiers": {}}
+        for w in cfg.stored_widths:
+            rows = [i for i in range(B * H * D) if tier_map[i] == w]  # (b,h,d) lexicographic
+            entry = {"rows": rows, "packed": [], "scale": [], "zero": [], "deq": []}
+            for i in rows:
+                col = cols[i]
+                if w == 16:
+                    data = encode_half_row(col, cfg.high_dtype)
+                    entry["packed"].append(data)
+                    entry["deq"].append(decode_half_row(data, cfg.high_dtype))
+                else:
+                    codes, sb, zb, ss, zz = quantize_row(col, w, cfg.G, cfg.meta, "keys", (j, i))
+                    data = pack_row(codes, w)
+                    entry["packed"].append(data)
+                    entry["scale"].append(sb)
+                    entry["zero"].append(zb)
+                    entry["deq"].append(dequantize_row(unpack_row(data, w, R), ss, zz, cfg.G))
+            block["tiers"][w] = entry
+        self.blocks.append(block)
+
+    def _quantize_value_token(self, t):
+        cfg, D = self.cfg, self.D
+        vb = cfg.value_bits
+        per = []
+        for bh in range(self.B * self.H):
+            xs = self.values[t][bh * D:(bh + 1) * D]
+            codes, sb, zb, ss, zz = quantize_row(xs, vb, cfg.G, cfg.meta, "values", (t, bh))
+            data = pack_row(codes, vb)
+            per.append((data, sb, zb, dequantize_row(unpack_row(data, vb, D), ss, zz, cfg.G)))
+        self.value_tokens[t] = per
+
+    # -- outputs ------------------------------------------------------------------------------
+    def block_arrays(self, j):
+        """Golden-vector style arrays of key block j: tier_map and per-tier arrays."""
+        cfg, B, H, D, R = self.cfg, self.B, self.H, self.D, self.cfg.R
+        blk = self.blocks[j]
+        out = {"tier_map": np.array(blk["tier_map"], np.uint8).reshape(B, H, D)}
+        ng = R // cfg.G
+        for w, e in blk["tiers"].items():
+            n = len(e["rows"])
+            if w == 16:
+                out[f"w{w}_packed"] = np.frombuffer(b"".join(e["packed"]), np.uint8).reshape(n, 2 * R)
+            else:
+                out[f"w{w}_packed"] = np.frombuffer(
+                    b"".join(e["packed"]), np.uint8).reshape(n, (R * w + 7) // 8)
+                bd = cfg.meta.bits_dtype
+                out[f"w{w}_scale"] = np.array(e["scale"], bd).reshape(n, ng)
+                out[f"w{w}_zero"] = np.array(e["zero"], bd).reshape(n, ng)
+        return out
+
+    def value_arrays(self, t0, t1):
+        """Per-token value arrays for tokens [t0, t1): packed, scale, zero (raw bits)."""
+        cfg, B, H, D = self.cfg, self.B, self.H, self.D
+        T = t1 - t0
+        width = (D * cfg.value_bits + 7) // 8
+        ng = -(-D // cfg.G)
+        packed = np.zeros((B, H, T, width), np.uint8)
+        bd = cfg.meta.bits_dtype
+        scale = np.zeros((B, H, T, ng), bd)
+        zero = np.zeros((B, H, T, ng), bd)
+        for t in range(t0, t1):
+            for bh in range(B * H):
+                data, sb, zb, _ = self.value_tokens[t][bh]
+                b, h = divmod(bh, H)
+                packed[b, h, t - t0] = np.frombuffer(data, np.uint8)
+                scale[b, h, t - t0] = sb
+                zero[b, h, t - t0] = zb
+        return {"packed": packed, "scale": scale, "zero": zero}
+
+    def dequantized(self):
+        """(keys, values) float32 of shape (B, H, T, D): quantized tokens dequantized,
+        residual tokens as their float32 upcast."""
+        B, H, D, R = self.B, self.H, self.D, self.cfg.R
+        T = len(self.keys)
+        K = [[float(v) for v in tok] for tok in self.keys]
+        V = [[float(v) for v in tok] for tok in self.values]
+        for j, blk in enumerate(self.blocks):
+            for e in blk["tiers"].values():
+                for i, row in zip(e["rows"], e["deq"]):
+                    for r, v in enumerate(row):
+                        K[j * R + r][i] = float(v)
+        for t, per in self.value_tokens.items():
+            for bh, (_, _, _, deq) in enumerate(per):
+                for d, v in enumerate(deq):
+                    V[t][bh * D + d] = float(v)
+        k = np.array(K, np.float32).reshape(T, B, H, D).transpose(1, 2, 0, 3)
+        v = np.array(V, np.float32).reshape(T, B, H, D).transpose(1, 2, 0, 3)
+        return np.ascontiguousarray(k), np.ascontiguousarray(v)
+
+    def nbytes(self, input_itemsize: int) -> int:
+        """§9 accounting (the residual is kept in the input dtype)."""
+        cfg, B, H, D, R = self.cfg, self.B, self.H, self.D, self.cfg.R
+        meta_size = 4 if cfg.meta.name == "float32" else 2
+        total = 0
+        for blk in self.blocks:
+            total += B * H * D  # tier map, uint8
+            for w, e in blk["tiers"].items():
+                n = len(e["rows"])
+                if w == 16:
+                    total += n * 2 * R
+                else:
+                    total += n * ((R * w + 7) // 8) + 2 * n * (R // cfg.G) * meta_size
+        nv = len(self.value_tokens)
+        total += nv * B * H * (((D * cfg.value_bits + 7) // 8) + 2 * (-(-D // cfg.G)) * meta_size)
+        T = len(self.keys)
+        total += (T - self.n_flushed * R) * B * H * D * input_itemsize   # key residual
+        total += (T - nv) * B * H * D * input_itemsize                   # value residual
+        total += B * H * D * 8                                            # qsum, int64
+        return total

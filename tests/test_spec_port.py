@@ -1,0 +1,251 @@
+"""Check the independent spec port (tests/spec_port.py) against the golden vectors.
+
+Every case of tests/vectors/v1 is compared byte for byte: packed codes, scale / zero
+bits, dequantized float32 bits, 16-bit rows, and for the cache cases every key block
+(tier map and per-tier arrays), every value array, the dequantized keys / values and
+nbytes.  The port is written from docs/numerics.md alone; where the spec or the manifest
+does not say something the cache cases need, the guess is named in CACHE_DEFAULTS below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import spec_port as sp  # noqa: E402
+
+VEC = pathlib.Path(__file__).resolve().parent / "vectors" / "v1"
+MANIFEST = json.loads((VEC / "manifest.json").read_text())
+CASES = {c["name"]: c for c in MANIFEST["cases"]}
+
+
+def cases_of(kind):
+    return [name for name, c in CASES.items() if c["kind"] == kind]
+
+
+def load(name):
+    with np.load(VEC / f"{name}.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_same_bytes(got, want, what):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    if got.tobytes() != want.tobytes():
+        g = got.reshape(-1).view(np.uint8 if got.itemsize == 1 else f"u{got.itemsize}")
+        w = want.reshape(-1).view(g.dtype)
+        bad = np.flatnonzero(g != w)
+        i = np.unravel_index(bad[0], want.shape) if want.ndim else ()
+        raise AssertionError(f"{what}: {bad.size} element(s) differ, first at {i}: "
+                             f"got {got[i]!r}, want {want[i]!r}")
+
+
+def test_manifest_version():
+    assert MANIFEST["format_version"] == 1
+    for name in CASES:
+        assert (VEC / f"{name}.npz").exists(), name
+
+
+# ---------------------------------------------------------------------------------------
+# pack / quantize / half: all cases, fully
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", cases_of("pack"))
+def test_pack(name):
+    z, b = load(name), CASES[name]["params"]["bits"]
+    packed = sp.pack(z["in_codes"], b)
+    assert_same_bytes(packed, z["out_packed"], "packed")
+    for row_codes, row_bytes in zip(z["in_codes"], z["out_packed"]):
+        assert sp.unpack_row(row_bytes.tobytes(), b, len(row_codes)) == row_codes.tolist()
+
+
+@pytest.mark.parametrize("name", cases_of("quantize"))
+def test_quantize(name):
+    z, p = load(name), CASES[name]["params"]
+    r = sp.quantize_rows(z["in_x"], p["bits"], p["group_size"], p["meta_dtype"])
+    for key in ("packed", "scale", "zero", "dequantized"):
+        assert_same_bytes(r[key], z[f"out_{key}"], key)
+
+
+@pytest.mark.parametrize("name", cases_of("quantize"))
+def test_quantize_error_bound(name):
+    """§4: |x - x^| <= s/2 + delta + 4u(L*s + |z| + |x|), evaluated in float64."""
+    z, p = load(name), CASES[name]["params"]
+    b, G = p["bits"], p["group_size"]
+    L, u = (1 << b) - 1, 2.0 ** -24
+    meta = sp.MetaDtype(p["meta_dtype"])
+    decode = {"float32": lambda v: float(sp.bits_f32(int(v))),
+              "float16": lambda v: float(sp.f16_value(int(v))),
+              "bfloat16": lambda v: float(sp.bf16_value(int(v)))}[meta.name]
+    x = z["in_x"].astype(np.float64)
+    xh = z["out_dequantized"].astype(np.float64)
+    for r in range(x.shape[0]):
+        for g in range(z["out_scale"].shape[1]):
+            sl = slice(g * G, (g + 1) * G)
+            s, zz = decode(z["out_scale"][r, g]), decode(z["out_zero"][r, g])
+            mn, mx = x[r, sl].min(), x[r, sl].max()
+            delta = max(0.0, zz - mn, mx - (zz + L * s))
+            bound = s / 2 + delta + 4 * u * (L * s + abs(zz) + np.abs(x[r, sl]))
+            assert np.all(np.abs(x[r, sl] - xh[r, sl]) <= bound), (r, g)
+
+
+@pytest.mark.parametrize("name", cases_of("half"))
+def test_half(name):
+    z, hd = load(name), CASES[name]["params"]["high_dtype"]
+    r = sp.half_rows(z["in_x"], hd)
+    assert_same_bytes(r["packed"], z["out_packed"], "packed")
+    assert_same_bytes(r["decoded"], z["out_decoded"], "decoded")
+
+
+# ---------------------------------------------------------------------------------------
+# spec rules not covered by a vector
+# ---------------------------------------------------------------------------------------
+
+def test_overflow_rejected_float16_meta():
+    x = np.array([[-70000.0, 70000.0]], dtype=np.float32)  # mn rounds to -Inf in float16
+    with pytest.raises(ValueError, match="overflows float16 metadata"):
+        sp.quantize_rows(x, 2, 2, "float16")
+    sp.quantize_rows(x, 2, 2, "bfloat16")  # representable there
+
+
+def test_non_finite_rejected_with_index():
+    x = np.zeros((2, 3), np.float32)
+    x[1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"index \(1, 2\)"):
+        sp.quantize_rows(x, 4, 3, "float32")
+
+
+def test_own_float16_and_bfloat16_rounding_agree_with_numpy_on_edges():
+    vals = [0.0, -0.0, 1e-8, 2.0 ** -25, 2.0 ** -25 * 3, 2.0 ** -24, 65504.0, 65519.99,
+            65520.0, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, -3.0e-5, 6.1e-5, 3.4e38]
+    for v in vals:
+        x = np.float32(v)
+        with np.errstate(over="ignore"):
+            ref16 = int(np.array(x).astype(np.float16).view(np.uint16))
+        assert sp.f16_bits(x) == ref16, v
+        u = int(np.array(x).view(np.uint32))
+        assert sp.bf16_bits(x) == ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def test_int_to_f32_ties_to_even():
+    assert sp.int_to_f32(2 ** 24 + 1) == np.float32(2 ** 24)
+    assert sp.int_to_f32(2 ** 24 + 3) == np.float32(2 ** 24 + 4)
+    big = 2 ** 53 + 2 ** 29 + 1  # float64 would round to 2**53 + 2**29 -> tie in float32
+    assert sp.int_to_f32(big) == np.float32(2 ** 53 + 2 ** 30)
+
+
+# ---------------------------------------------------------------------------------------
+# cache cases: all blocks, all values, dequantized tensors, nbytes
+# ---------------------------------------------------------------------------------------
+
+# Defaults the manifest leaves out and the spec does not state (see the port's report):
+CACHE_DEFAULTS = dict(policy="query_aware", tier_mode="budget", tiers=(16, 4, 2),
+                      value_bits=2, value_window="block", high_dtype="bfloat16")
+
+
+def cache_config(name, z):
+    p = dict(CACHE_DEFAULTS)
+    p.update(CASES[name]["params"])
+    B, H = z["in_keys"].shape[:2]
+    if p["policy"] != "uniform" and p["tier_mode"] == "budget" and "budget" not in p:
+        # No default budget is given anywhere; it is read off the fixed tier sizes.
+        n_high = z["out_block0_w16_packed"].shape[0] // (B * H)
+        n_mid = z["out_block0_w4_packed"].shape[0] // (B * H)
+        p["budget"] = (n_high, n_mid)
+    return sp.PortConfig(**p)
+
+
+def run_cache(name, z, chunks=None, query_lag=0):
+    """Feed the stream; chunks=None is a single prefill with its queries."""
+    cfg = cache_config(name, z)
+    K, V, Q = z["in_keys"], z["in_values"], z["in_queries"]
+    B, H, T, D = K.shape
+    cache = sp.PortCache(cfg, B, H, D)
+    if chunks is None:
+        cache.append(K, V, Q)
+        return cache
+    t, qt = 0, 0
+    for n in chunks:
+        cache.append(K[:, :, t:t + n], V[:, :, t:t + n])
+        t += n
+        q_to = max(t - query_lag, qt)
+        if q_to > qt:
+            cache.observe_queries(Q[:, :, qt:q_to])
+            qt = q_to
+    assert t == T
+    if qt < T:
+        cache.observe_queries(Q[:, :, qt:T])
+    return cache
+
+
+def check_cache(name, z, cache):
+    cfg = cache.cfg
+    T = z["in_keys"].shape[2]
+    n_blocks = T // cfg.R
+    assert len(cache.blocks) == n_blocks
+    for j in range(n_blocks):
+        got = cache.block_arrays(j)
+        prefix = f"out_block{j}_"
+        want_keys = {k[len(prefix):] for k in z if k.startswith(prefix)}
+        assert set(got) == want_keys, (j, sorted(got), sorted(want_keys))
+        for key, arr in got.items():
+            assert_same_bytes(arr, z[prefix + key], prefix + key)
+    if cfg.value_window == "sliding":
+        spans = [(0, T - cfg.R)]
+    else:
+        spans = [(j * cfg.R, (j + 1) * cfg.R) for j in range(n_blocks)]
+    assert len(cache.value_tokens) == spans[-1][1]
+    for i, (t0, t1) in enumerate(spans):
+        for key, arr in cache.value_arrays(t0, t1).items():
+            assert_same_bytes(arr, z[f"out_values{i}_{key}"], f"values{i}_{key}")
+    assert not any(k.startswith(f"out_values{len(spans)}_") for k in z)
+    dk, dv = cache.dequantized()
+    assert_same_bytes(dk, z["out_dequantized_keys"], "dequantized_keys")
+    assert_same_bytes(dv, z["out_dequantized_values"], "dequantized_values")
+    assert cache.nbytes(z["in_keys"].dtype.itemsize) == int(z["out_nbytes"])
+
+
+@pytest.mark.parametrize("name", cases_of("cache"))
+def test_cache_prefill(name):
+    z = load(name)
+    check_cache(name, z, run_cache(name, z))
+
+
+@pytest.mark.parametrize("name", ["cache_budget", "cache_uniform_sliding"])
+def test_cache_chunked_with_lagging_queries(name):
+    """§7/§9: chunking and a lagging query stream must not change a byte."""
+    z = load(name)
+    chunks = [1, 37, 26, 64, 5, 100, 67]
+    check_cache(name, z, run_cache(name, z, chunks=chunks, query_lag=30))
+
+
+def test_query_aware_block_waits_for_its_queries():
+    z = load("cache_budget")
+    cache = sp.PortCache(cache_config("cache_budget", z), 2, 2, 24)
+    cache.append(z["in_keys"][:, :, :70], z["in_values"][:, :, :70])
+    assert len(cache.blocks) == 0  # keys for block 0 present, queries not yet
+    cache.observe_queries(z["in_queries"][:, :, :63])
+    assert len(cache.blocks) == 0
+    cache.observe_queries(z["in_queries"][:, :, 63:64])
+    assert len(cache.blocks) == 1
+
+
+def test_threshold_rule_edges():
+    cfg = sp.PortConfig(group_size=2, residual_length=2, tier_mode="threshold",
+                        thresholds=(0.25, 0.12))
+    A = [np.float32(v) for v in (0.25, 0.2500001, 0.12, 0.1200001, 0.0, 1.0)]
+    assert sp.assign_tiers(A, cfg) == [4, 16, 2, 4, 2, 16]
+
+
+def test_budget_rule_ties_by_lower_index():
+    cfg = sp.PortConfig(group_size=2, residual_length=2, budget=(1, 2))
+    A = [np.float32(v) for v in (0.5, 0.7, 0.7, 0.5, 0.1)]
+    assert sp.assign_tiers(A, cfg) == [4, 16, 4, 2, 2]
+    assert sp.budget_count(0.1, 24) == math.floor(0.1 * 24 + 0.5) == 2

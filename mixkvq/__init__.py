@@ -8,7 +8,7 @@ from .api import QTensor, dequantize, pack, quantize, unpack
 from .backend import Backend, available_backends, get_backend, register_backend
 from .cache import CacheView, KVCache
 from .config import MixKVQConfig
-from .layout import KeyBlock, TierRows, ValueRows
+from .layout import KeyBlock, PackedLayout, TierRows, ValueRows
 from .policy import SaliencePolicy, available_policies, get_policy, register_policy
 
 __version__ = "0.1.0"
@@ -18,7 +18,7 @@ __all__ = [
     "QTensor", "quantize", "dequantize", "pack", "unpack",
     "Backend", "available_backends", "get_backend", "register_backend",
     "KVCache", "CacheView", "MixKVQConfig",
-    "KeyBlock", "TierRows", "ValueRows",
+    "KeyBlock", "PackedLayout", "TierRows", "ValueRows",
     "SaliencePolicy", "available_policies", "get_policy", "register_policy",
     "FORMAT_VERSION", "__version__",
 ]

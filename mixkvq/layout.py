@@ -91,6 +91,64 @@ class ValueRows:
         return int(self.packed.shape[2])
 
 
+@dataclass(frozen=True)
+class PackedLayout:
+    """The storage geometry of a config for heads of ``head_dim`` channels (§5–§6).
+
+    One object answers "how is it stored and how many bytes is it": encode/decode of key
+    blocks and value rows (delegating to the functions below), and exact byte counts used by
+    budget-mode predictions and the ``rd`` allocator's costs.
+    """
+
+    config: "MixKVQConfig"
+    head_dim: int
+
+    @property
+    def meta_bytes(self) -> int:
+        from .dtypes import ITEMSIZE
+
+        return ITEMSIZE[self.config.meta_dtype]
+
+    def key_row_nbytes(self, bits: int) -> int:
+        """Bytes of one key channel over a block at width ``bits`` (codes + scale + zero, or 16-bit values)."""
+        R, G = self.config.residual_length, self.config.group_size
+        if bits == HIGH_BITS:
+            return 2 * R
+        return row_bytes(R, bits) + 2 * self.meta_bytes * n_groups(R, G)
+
+    def value_token_nbytes(self, bits: int) -> int:
+        """Bytes of one head's value row for one token at width ``bits``."""
+        D, G = self.head_dim, self.config.group_size
+        return row_bytes(D, bits) + 2 * self.meta_bytes * n_groups(D, G)
+
+    def key_block_nbytes(self, tier_counts: "dict[int, int]", heads: int) -> int:
+        """Bytes of a key block whose tier map holds ``tier_counts[bits]`` channels per width
+        (summed over ``heads`` = batch x kv_heads), tier map included."""
+        return heads * self.head_dim + sum(n * self.key_row_nbytes(b) for b, n in tier_counts.items())
+
+    def budget_block_nbytes(self, heads: int) -> int:
+        """Bytes of one key block plus its values in budget mode (fixed counts), ``heads`` = B x H."""
+        n_high, n_mid = self.config.budget_counts(self.head_dim)
+        counts = {HIGH_BITS: n_high, self.config.mid_bits: n_mid, self.config.low_bits: self.head_dim - n_high - n_mid}
+        merged: dict[int, int] = {}
+        for bits, n in counts.items():
+            merged[bits] = merged.get(bits, 0) + n
+        values = self.config.residual_length * self.value_token_nbytes(self.config.value_bits)
+        return self.key_block_nbytes({b: heads * n for b, n in merged.items()}, heads) + heads * values
+
+    def encode_keys(self, backend: "Backend", keys: Any, tier_map: Any, name: str = "keys") -> "KeyBlock":
+        return encode_key_block(backend, keys, tier_map, self.config, name)
+
+    def decode_keys(self, backend: "Backend", block: "KeyBlock") -> Any:
+        return decode_key_block(backend, block, self.config)
+
+    def encode_values(self, backend: "Backend", values: Any, bits: int | None = None, name: str = "values") -> "ValueRows":
+        return encode_values(backend, values, self.config, name, bits)
+
+    def decode_values(self, backend: "Backend", rows: "ValueRows") -> Any:
+        return decode_values(backend, rows, self.config, self.head_dim)
+
+
 def encode_key_block(backend: "Backend", keys: Any, tier_map: Any, config: "MixKVQConfig", name: str = "keys") -> KeyBlock:
     """Quantize and pack one key block ``keys`` ``(B, H, R, D)`` by ``tier_map`` (§6)."""
     channel_rows = keys.swapaxes(-1, -2)  # (B, H, D, R): one row per channel, along tokens

@@ -21,10 +21,11 @@ HALF_ULP = {"bfloat16": 2.0**-7, "float16": 2.0**-10}  #: step of a 16-bit chann
 
 
 def key_channel_bits(width: int, R: int, G: int, meta_bytes: int) -> int:
-    """True bits of one key channel over a block: codes (whole bytes) + scale and zero per group."""
+    """True bits of one key channel over a block: codes (whole bytes) + scale and zero per group
+    (the same count as :meth:`mixkvq.layout.PackedLayout.key_row_nbytes`, times 8)."""
     if width == HIGH_BITS:
         return 16 * R
-    return 8 * row_bytes(R, width) + 2 * 8 * meta_bytes * (R // G)
+    return 8 * row_bytes(R, width) + 2 * 8 * meta_bytes * n_groups(R, G)
 
 
 def value_head_bits(width: int, R: int, D: int, G: int, meta_bytes: int) -> int:

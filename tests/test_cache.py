@@ -158,6 +158,7 @@ def test_budget_mode_hits_its_exact_counts_and_bytes():
     values = B * H * R * (D * 2 // 8 + 2 * (D // G) * 2)
     qstats = B * H * D * 8
     assert cache.nbytes == 3 * (per_block + values) + qstats
+    assert mixkvq.layout.PackedLayout(cfg, D).budget_block_nbytes(B * H) == per_block + values
     assert cache.nominal_key_bits == (2 * 16 + 3 * 4 + 11 * 2) / 16
 
 

@@ -171,4 +171,6 @@ def convert_like(y: Any, template: Any, backend: Backend) -> Any:
     kind = array_kind(template)
     if kind == backend.name or backend.is_native(template):
         return y
+    if kind == "numpy":  # the backend's own exact export (bfloat16 -> uint16 bits, as the simulator stores it)
+        return backend.to_numpy(y)
     return get_backend(kind).from_any(y, like=template)

@@ -32,6 +32,7 @@ def _special_values(rng: np.random.Generator) -> np.ndarray:
         np.linspace(-1, 1, 40, dtype=np.float32) * np.float32(60000),
         (np.arange(40) % 4).astype(np.float32) * np.float32(0.5),   # exact half-step ties
         rng.standard_normal(40).astype(np.float32) * np.float32(1e-3) + np.float32(100.0),
+        (np.float32(1.0) + (np.arange(40) % 2) * np.float32(2**-23)).astype(np.float32),  # scale underflows float16
         np.float32(2.0) ** rng.integers(-20, 15, 40).astype(np.float32),  # wide dynamic range
     ]
     return np.stack(rows)
@@ -47,10 +48,15 @@ def cases() -> Iterator[tuple[str, str, dict[str, Any], dict[str, np.ndarray]]]:
         for meta in ("float16", "bfloat16", "float32"):
             x = (rng.standard_normal((5, 77)) * rng.uniform(0.01, 10, (5, 1))).astype(np.float16)
             yield f"quant_b{bits}_{meta}_f16in", "quantize", {"bits": bits, "group_size": 32, "meta_dtype": meta}, {"x": x}
+    specials = _special_values(rng)
     for bits in (1, 2, 3, 4, 8):
-        x = _special_values(rng)
-        yield f"quant_special_b{bits}", "quantize", {"bits": bits, "group_size": 8, "meta_dtype": "float32"}, {"x": x}
-        yield f"quant_special_b{bits}_f16meta", "quantize", {"bits": max(bits, 2), "group_size": 8, "meta_dtype": "float16"}, {"x": x}
+        yield f"quant_special_b{bits}", "quantize", {"bits": bits, "group_size": 8, "meta_dtype": "float32"}, {"x": specials}
+    for bits in (2, 3, 4, 8):
+        yield f"quant_special_b{bits}_f16meta", "quantize", {"bits": bits, "group_size": 8, "meta_dtype": "float16"}, {"x": specials}
+    yield "quant_special_b2_f16meta_f16out", "quantize", {"bits": 2, "group_size": 8, "meta_dtype": "float16", "out_dtype": "float16"}, {"x": specials}
+    yield "quant_special_b8_bf16meta", "quantize", {"bits": 8, "group_size": 8, "meta_dtype": "bfloat16"}, {"x": specials}
+    x64 = rng.standard_normal((3, 45)) * 3.0 + 1e-9 * rng.standard_normal((3, 45))
+    yield "quant_b3_float64in", "quantize", {"bits": 3, "group_size": 32, "meta_dtype": "float16"}, {"x": x64}
     for bits in (2, 4):
         x = rng.standard_normal((4, 50)).astype(np.float32) * np.float32(1e30)
         yield f"quant_huge_b{bits}_bf16", "quantize", {"bits": bits, "group_size": 16, "meta_dtype": "bfloat16"}, {"x": x}
@@ -66,9 +72,24 @@ def cases() -> Iterator[tuple[str, str, dict[str, Any], dict[str, np.ndarray]]]:
     inputs = {"keys": k, "values": v, "queries": q}
     base = {"group_size": 32, "residual_length": 64, "meta_dtype": "float16"}
     yield "cache_budget", "cache", {**base, "tier_mode": "budget", "budget": [2, 4]}, inputs
-    yield "cache_threshold", "cache", {**base, "tier_mode": "threshold", "thresholds": [0.25, 0.12]}, inputs
+    yield "cache_threshold", "cache", {**base, "tier_mode": "threshold", "thresholds": [1.55, 1.2]}, inputs
     yield "cache_key_only_bf16", "cache", {**base, "policy": "key_only", "meta_dtype": "bfloat16", "high_dtype": "float16"}, inputs
     yield "cache_uniform_sliding", "cache", {**base, "policy": "uniform", "value_window": "sliding", "value_bits": 3}, inputs
+    # Thresholds placed exactly on relevance values of the first block, so any deviation in
+    # the fixed-point statistics (§7) flips a tier: tau_mid equals one channel's I (that
+    # channel must be low), tau_high is one float32 step below another's (that one is high).
+    relevance = _first_block_relevance(q, n_rep, base["residual_length"])
+    ranked = np.sort(relevance.reshape(-1))
+    tau_mid, tau_high = float(ranked[len(ranked) // 2]), float(np.nextafter(ranked[-3], np.float32(0)))
+    yield "cache_query_only_threshold", "cache", {**base, "policy": "query_only", "tier_mode": "threshold",
+                                                  "thresholds": [tau_high, tau_mid]}, inputs
+    yield "cache_rd", "cache", {**base, "tier_mode": "rd", "rd_bits": 4.0}, inputs
+
+
+def _first_block_relevance(q: np.ndarray, n_rep: int, R: int) -> np.ndarray:
+    from . import salience
+
+    return salience.relevance(salience.query_token_sums(q[:, :, :R], n_rep).sum(axis=2), R, n_rep)
 
 
 def compute(kind: str, params: dict[str, Any], inputs: dict[str, np.ndarray], backend: Any = None) -> dict[str, np.ndarray]:
@@ -83,7 +104,7 @@ def compute(kind: str, params: dict[str, Any], inputs: dict[str, np.ndarray], ba
     if kind == "quantize":
         x = be.from_any(inputs["x"])
         packed, scale, zero = be.quantize(x, params["bits"], params["group_size"], params["meta_dtype"], "x")
-        y = be.dequantize(packed, scale, zero, params["bits"], params["group_size"], x.shape[-1], "float32")
+        y = be.dequantize(packed, scale, zero, params["bits"], params["group_size"], x.shape[-1], params.get("out_dtype", "float32"))
         return {"packed": np_(packed), "scale": _bits(np_(scale)), "zero": _bits(np_(zero)), "dequantized": np_(y)}
     if kind == "half":
         packed = be.encode_half(be.from_any(inputs["x"]), params["high_dtype"], "x")
@@ -127,7 +148,13 @@ def write_vectors(folder: Path) -> list[dict[str, Any]]:
         outputs = compute(kind, params, inputs)
         np.savez_compressed(folder / f"{name}.npz", **{f"in_{k}": v for k, v in inputs.items()},
                             **{f"out_{k}": v for k, v in outputs.items()})
-        manifest.append({"name": name, "kind": kind, "params": params})
+        entry = {"name": name, "kind": kind, "params": params}
+        if kind == "cache":  # the complete configuration, defaults included, and how it was fed
+            import mixkvq
+
+            entry["config"] = {k: v for k, v in mixkvq.MixKVQConfig(**params).to_dict().items() if k != "backend"}
+            entry["stream"] = "one append(keys, values, queries) of all tokens"
+        manifest.append(entry)
     (folder / "manifest.json").write_text(json.dumps({"format_version": VECTOR_VERSION, "cases": manifest}, indent=1) + "\n")
     return manifest
 

@@ -73,11 +73,15 @@ def read_source(module: str, *, inline_includes: bool = True) -> str:
     text = path.read_text()
     if not inline_includes:
         return text
-    out = []
+    out, seen = [], set()
     for line in text.splitlines(keepends=True):
         stripped = line.strip()
         if stripped.startswith('#include "'):
-            out.append((KERNEL_DIR / stripped.split('"')[1]).read_text() + "\n")
+            header = stripped.split('"')[1]
+            if header not in seen:
+                seen.add(header)
+                body = (KERNEL_DIR / header).read_text().replace("#pragma once\n", "")
+                out.append(f"// ---- {header} (inlined) ----\n{body}\n")
         else:
             out.append(line)
     return "".join(out)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mixkvq.sim.golden import VECTOR_VERSION, cases, check_vectors
 
@@ -11,6 +12,11 @@ VECTORS = Path(__file__).parent / "vectors" / "v1"
 
 def test_simulator_reproduces_golden_vectors():
     assert check_vectors(VECTORS) == []
+
+
+def test_torch_backend_reproduces_golden_vectors():
+    pytest.importorskip("torch", reason="the torch backend needs torch (pip install 'mixkvq[torch]')")
+    assert check_vectors(VECTORS, backend="torch") == []
 
 
 def test_manifest_covers_every_case():

@@ -7,6 +7,12 @@ never fused); bit packing uses Python ints; float16 / bfloat16 rounding is done 
 the binary32 bit pattern.  Everything runs one group / one element at a time, so it is
 slow, but it is meant to be read, not to be fast.
 
+The §8.3 rate-distortion allocator is host float64 by definition: it is written with
+Python floats (IEEE binary64, one rounding per operation, no fusion), operations in the
+order the spec writes them, math.fsum for every Σ, and Python ints for bit costs; it is
+kept in its own section below.  Configurations are the §9 table (CONFIG_DEFAULTS); the
+golden-vector tests pass each case's complete manifest `config`.
+
 Section numbers (§n) refer to docs/numerics.md.
 """
 
@@ -246,10 +252,46 @@ def dequantize_row(codes, ss, zs, G: int) -> list:
     return [dequantize_code(c, ss[i // G], zs[i // G]) for i, c in enumerate(codes)]
 
 
-def quantize_rows(x2d, b: int, G: int, meta_name: str, what="x"):
+# §4: float16 / bfloat16 outputs are the float32 result clamped to the target's largest
+# finite magnitude, then rounded to nearest even.
+F16_MAX = F32(65504.0)
+BF16_MAX = bits_f32(0x7F7F << 16)  # 0x7F7F is the largest finite bfloat16
+
+
+def clamp32(v, limit):
+    if v > limit:
+        return limit
+    if v < -limit:
+        return F32(-limit)
+    return v
+
+
+def output_bits(v, out_dtype: str) -> int:
+    """A float32 dequantized value in the output dtype (§4), as its raw bits."""
+    if out_dtype == "float32":
+        return f32_bits(v)
+    if out_dtype == "float16":
+        return f16_bits(clamp32(v, F16_MAX))
+    if out_dtype == "bfloat16":
+        return bf16_bits(clamp32(v, BF16_MAX))
+    raise ValueError(f"unknown output dtype {out_dtype!r}")
+
+
+def output_array(rows_of_f32, out_dtype: str, shape) -> np.ndarray:
+    """float32 / float16 as those dtypes; bfloat16 as its uint16 bit pattern (the §10
+    convention for stored bfloat16, applied here to outputs too)."""
+    bits = [output_bits(v, out_dtype) for row in rows_of_f32 for v in row]
+    if out_dtype == "float32":
+        return np.array(bits, np.uint32).view(np.float32).reshape(shape)
+    arr = np.array(bits, np.uint16).reshape(shape)
+    return arr.view(np.float16) if out_dtype == "float16" else arr
+
+
+def quantize_rows(x2d, b: int, G: int, meta_name: str, what="x", out_dtype="float32"):
     """Quantize each row of a 2-D array (§3) and pack it (§5).
 
-    Returns dict with packed uint8, scale / zero as raw bits, dequantized float32.
+    Returns dict with packed uint8, scale / zero as raw bits, dequantized in `out_dtype`
+    (§4) and dequantized32 (the float32 result before any output rounding).
     """
     meta = MetaDtype(meta_name)
     x2d = np.asarray(x2d)
@@ -270,8 +312,8 @@ def quantize_rows(x2d, b: int, G: int, meta_name: str, what="x"):
         "packed": np.frombuffer(b"".join(packed), np.uint8).reshape(nrows, width),
         "scale": np.array(sbits, dtype=meta.bits_dtype).reshape(nrows, ngroups),
         "zero": np.array(zbits, dtype=meta.bits_dtype).reshape(nrows, ngroups),
-        "dequantized": np.array([[float(v) for v in row] for row in deq],
-                                dtype=np.float32).reshape(nrows, n),
+        "dequantized": output_array(deq, out_dtype, (nrows, n)),
+        "dequantized32": output_array(deq, "float32", (nrows, n)),
     }
 
 
@@ -352,41 +394,102 @@ def channel_minmax(xs):
     return F32(mn + ZERO32), F32(mx + ZERO32)
 
 
-def budget_count(f, D: int) -> int:
-    """§8: a fraction becomes floor(f*D + 0.5).  Integers are taken as counts (a guess,
-    see the report: the golden vectors store budget=[2, 4] and expect 2 and 4 channels)."""
-    if isinstance(f, (int, np.integer)):
-        return int(f)
-    return int(math.floor(f * D + 0.5))
+def budget_counts(budget, D: int) -> tuple:
+    """§9 `budget`: two Python ints are channel counts per head; otherwise both are
+    fractions of D, converted as floor(f*D + 0.5) (§8.1)."""
+    n_high, n_mid = budget
+
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if is_int(n_high) and is_int(n_mid):
+        return int(n_high), int(n_mid)
+    return (int(math.floor(float(n_high) * D + 0.5)),
+            int(math.floor(float(n_mid) * D + 0.5)))
+
+
+# The §9 configuration table: every field and its default.
+CONFIG_DEFAULTS = {
+    "policy": "query_aware",
+    "tier_mode": "budget",
+    "budget": (1 / 32, 1 / 8),
+    "thresholds": (1.44, 0.79),
+    "high_dtype": "bfloat16",
+    "mid_bits": 4,
+    "low_bits": 2,
+    "value_bits": 2,
+    "group_size": 32,
+    "residual_length": 128,
+    "value_window": "block",
+    "meta_dtype": "float16",
+    "rd_bits": 3.5,
+    "bit_ladder": (2, 3, 4, 8, 16),
+    "value_bit_ladder": (2, 3, 4),
+}
 
 
 class PortConfig:
-    def __init__(self, *, group_size, residual_length, meta_dtype="float16",
-                 high_dtype="bfloat16", policy="query_aware", tier_mode="budget",
-                 tiers=(16, 4, 2), budget=None, thresholds=None, value_bits=2,
-                 value_window="block"):
-        self.G = group_size
-        self.R = residual_length
-        self.meta = MetaDtype(meta_dtype)
-        self.high_dtype = high_dtype
-        self.policy = policy
-        self.tier_mode = tier_mode
-        self.tiers = tuple(tiers)          # (high, mid, low)
-        self.budget = budget               # (n_high, n_mid) counts or fractions
-        self.thresholds = thresholds       # (tau_high, tau_mid)
-        self.value_bits = value_bits
-        self.value_window = value_window
+    """The §9 configuration.  Field names and defaults are those of the §9 table."""
+
+    def __init__(self, **fields):
+        unknown = set(fields) - set(CONFIG_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown config field(s) {sorted(unknown)}")
+        f = dict(CONFIG_DEFAULTS)
+        f.update(fields)
+        self.fields = f
+        self.policy = f["policy"]
+        self.tier_mode = f["tier_mode"]
+        self.budget = tuple(f["budget"])
+        self.thresholds = tuple(f["thresholds"])
+        self.high_dtype = f["high_dtype"]
+        self.mid_bits, self.low_bits = f["mid_bits"], f["low_bits"]
+        self.value_bits = f["value_bits"]
+        self.G, self.R = f["group_size"], f["residual_length"]
+        self.value_window = f["value_window"]
+        self.meta = MetaDtype(f["meta_dtype"])
+        self.rd_bits = f["rd_bits"]
+        self.bit_ladder = tuple(f["bit_ladder"])
+        self.value_bit_ladder = tuple(f["value_bit_ladder"])
+        if self.policy not in ("query_aware", "key_only", "query_only", "uniform"):
+            raise ValueError(f"unknown policy {self.policy!r}")
+        if self.tier_mode not in ("budget", "threshold", "rd"):
+            raise ValueError(f"unknown tier_mode {self.tier_mode!r}")
+        if self.value_window not in ("block", "sliding"):
+            raise ValueError(f"unknown value_window {self.value_window!r}")
         if self.R % self.G:
             raise ValueError("residual_length must be a multiple of group_size")
+        if self.tier_mode == "rd" and self.policy == "uniform":
+            # §8 says uniform gives every channel the low tier, §8.3 says w_d = 1 for
+            # policies without queries; the spec does not say which wins.  Not guessed.
+            raise NotImplementedError("policy='uniform' with tier_mode='rd' is not specified")
+        if self.tier_mode == "rd" and self.value_window == "sliding":
+            # §8.3 gives the *block* one value width; §9's sliding window quantizes values
+            # token by token on their own schedule.  The spec does not say how they meet.
+            raise NotImplementedError("tier_mode='rd' with value_window='sliding' is not specified")
+
+    @property
+    def meta_bytes(self):
+        """Bytes per metadata value (m of §8.3)."""
+        return 4 if self.meta.name == "float32" else 2
+
+    @property
+    def tiers(self):
+        """The §9 tier ladder (high, mid, low) of the budget / threshold modes."""
+        return (16, self.mid_bits, self.low_bits)
 
     @property
     def stored_widths(self):
-        """Widths that get a per-tier array group in a key block, highest first.  For
-        `uniform` only the low tier exists (a guess: §6 does not say; the golden vector of a
-        uniform cache stores only the low tier, while other caches store empty tiers)."""
+        """Widths that get a per-tier array group in a key block, highest first (§6, §9):
+        the distinct widths of the ladder; `uniform` has the one-width ladder (low_bits,),
+        rd mode (§8.3) the `bit_ladder`."""
         if self.policy == "uniform":
-            return (self.tiers[-1],)
-        return tuple(sorted(set(self.tiers), reverse=True))
+            ladder = (self.low_bits,)
+        elif self.tier_mode == "rd":
+            ladder = self.bit_ladder
+        else:
+            ladder = self.tiers
+        return tuple(sorted(set(ladder), reverse=True))
 
     @property
     def uses_queries(self):
@@ -394,7 +497,7 @@ class PortConfig:
 
 
 def assign_tiers(A, cfg: PortConfig) -> list:
-    """Tier widths for the D channels of one (b, h) in one block (§8)."""
+    """Tier widths for the D channels of one (b, h) in one block (§8.1, §8.2)."""
     high, mid, low = cfg.tiers
     D = len(A)
     if cfg.policy == "uniform":
@@ -411,8 +514,8 @@ def assign_tiers(A, cfg: PortConfig) -> list:
             else:
                 out.append(low)
         return out
-    n_high = budget_count(cfg.budget[0], D)
-    n_mid = budget_count(cfg.budget[1], D)
+    assert cfg.tier_mode == "budget"
+    n_high, n_mid = budget_counts(cfg.budget, D)
     order = sorted(range(D), key=lambda d: (-float(A[d]), d))  # A descending, stable
     out = [low] * D
     for rank, d in enumerate(order):
@@ -421,6 +524,150 @@ def assign_tiers(A, cfg: PortConfig) -> list:
         elif rank < n_high + n_mid:
             out[d] = mid
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# §8.3 the rate-distortion allocator.  Host-side float64: every value below is a Python
+# float (IEEE binary64, one rounding per operation, evaluated in the order written in the
+# spec, left to right); sums marked Σ in the spec are math.fsum.  Costs are Python ints.
+# ---------------------------------------------------------------------------------------
+
+def rd_key_cost(b: int, cfg: PortConfig) -> int:
+    """§8.3 step 3, one key channel."""
+    R, G, m = cfg.R, cfg.G, cfg.meta_bytes
+    if b == 16:
+        return 16 * R
+    return 8 * (-(-R * b // 8)) + 2 * 8 * m * (R // G)
+
+
+def rd_value_cost(b: int, cfg: PortConfig, B: int, H: int, D: int) -> int:
+    """§8.3 step 3, the block's values at width b."""
+    R, G, m = cfg.R, cfg.G, cfg.meta_bytes
+    return B * H * R * (8 * (-(-D * b // 8)) + 2 * 8 * m * (-(-D // G)))
+
+
+def rd_key_step(b: int, r_d: float, amax_d: float, high_dtype: str) -> float:
+    """§8.3 step 1."""
+    if b <= 8:
+        return r_d / float((1 << b) - 1)
+    assert b == 16
+    return amax_d * (2.0 ** -7 if high_dtype == "bfloat16" else 2.0 ** -10)
+
+
+def rd_hull_steps(points) -> list:
+    """§8.3 step 4: the lower convex hull of one owner's (cost, error, width) points,
+    walked from the cheapest point.  Returns the steps as (gain, cost, width reached)."""
+    cur = min(points, key=lambda p: p[0])
+    steps = []
+    while True:
+        best, best_gain = None, None
+        for p in points:
+            if p[0] <= cur[0] or not p[1] < cur[1]:
+                continue  # only more expensive points that lower the error
+            gain = (cur[1] - p[1]) / float(p[0] - cur[0])
+            # steepest drop per bit; ties: the farther (more expensive) point
+            if best is None or gain > best_gain or (gain == best_gain and p[0] > best[0]):
+                best, best_gain = p, gain
+        if best is None:
+            return steps
+        steps.append((best_gain, best[0] - cur[0], best[2]))
+        cur = best
+
+
+def rd_allocate(keys, values, w, cfg: PortConfig, B: int, H: int, D: int):
+    """§8.3 for one block.
+
+    keys[b][h][d] and values[b][h][t] are lists of float32 scalars (a key channel's R
+    values in token order; a token's D values); w[b][h][d] the weight w_d as a float.
+    Returns (widths[b][h][d], value width, report dict)."""
+    R, G = cfg.R, cfg.G
+    # step 2: spread^2 per head,  Σ (v[t,c] - mean_t v[t,c])^2 / (R*D),  mean_t = Σ / R
+    spread2 = {}
+    for b in range(B):
+        for h in range(H):
+            rows = [[float(x) for x in values[b][h][t]] for t in range(R)]
+            means = [math.fsum(rows[t][c] for t in range(R)) / R for c in range(D)]
+            sq = []
+            for t in range(R):
+                for c in range(D):
+                    dlt = rows[t][c] - means[c]
+                    sq.append(dlt * dlt)
+            spread2[b, h] = math.fsum(sq) / (R * D)
+    # step 2: mean over the whole block of range_{t,g}^2 (partial groups padded with their
+    # last element, which does not change a range)
+    range_sq = []
+    for b in range(B):
+        for h in range(H):
+            for t in range(R):
+                tok = values[b][h][t]
+                for g0 in range(0, D, G):
+                    grp = [float(x) for x in tok[g0:g0 + G]]
+                    grp += [grp[-1]] * (G - len(grp))
+                    rg = max(grp) - min(grp)
+                    range_sq.append(rg * rg)
+    mean_range_sq = math.fsum(range_sq) / len(range_sq)
+
+    # owners: key channels in (b, h, d) order, then the value chain
+    chains = []
+    for b in range(B):
+        for h in range(H):
+            for d in range(D):
+                col = [float(x) for x in keys[b][h][d]]
+                r_d = max(col) - min(col)
+                amax_d = max(abs(x) for x in col)
+                wd = w[b][h][d]
+                pts = []
+                for bw in cfg.bit_ladder:
+                    step = rd_key_step(bw, r_d, amax_d, cfg.high_dtype)
+                    err = wd * wd * spread2[b, h] * (step * step) / 12.0
+                    pts.append((rd_key_cost(bw, cfg), err, bw))
+                chains.append(pts)
+    vpts = []
+    for bw in cfg.value_bit_ladder:
+        L = float((1 << bw) - 1)
+        e_head = D * mean_range_sq / (12.0 * (L * L))
+        vpts.append((rd_value_cost(bw, cfg, B, H, D), (B * H) * e_head, bw))
+    chains.append(vpts)
+
+    # step 3: budget and the cheapest allocation
+    budget = math.floor(cfg.rd_bits * (2 * R * D * B * H))
+    start = [min(pts, key=lambda p: p[0]) for pts in chains]
+    tier_map_bits = 8 * D * B * H
+    minimum = sum(p[0] for p in start) + tier_map_bits
+    if minimum > budget:
+        raise ValueError(
+            f"rd_bits={cfg.rd_bits} is below the cheapest allocation: {minimum} bits "
+            f"({minimum / (2 * R * D * B * H)} bits per element) > budget {budget} bits")
+
+    # step 4: hull steps as items, taken by gain descending, ties by owner then step
+    items = []
+    for owner, pts in enumerate(chains):
+        for k, (gain, cost, width) in enumerate(rd_hull_steps(pts)):
+            items.append((gain, owner, k, cost, width))
+    items.sort(key=lambda it: (-it[0], it[1], it[2]))
+    width = [p[2] for p in start]
+    next_step = [0] * len(chains)
+    closed = [False] * len(chains)
+    left = budget - minimum
+    skipped = 0
+    for gain, owner, k, cost, to_width in items:
+        if closed[owner]:
+            continue
+        # "every chain is taken in step order": check it rather than assume it
+        assert k == next_step[owner], "hull gains do not fall along the chain"
+        if cost <= left:
+            left -= cost
+            width[owner] = to_width
+            next_step[owner] += 1
+        else:
+            closed[owner] = True
+            skipped += 1
+    widths = [[[width[(b * H + h) * D + d] for d in range(D)] for h in range(H)]
+              for b in range(B)]
+    report = {"budget": budget, "minimum": minimum, "spent": budget - left,
+              "skipped": skipped, "points": chains, "items": items,
+              "tier_map_bits": tier_map_bits}
+    return widths, width[-1], report
 
 
 class PortCache:
@@ -434,9 +681,10 @@ class PortCache:
         self.n_rep = None
         self.qsum = [0] * (B * H * D)
         self.nq = 0
-        self.snapshots = {}            # block index -> (qsum copy, nq)
+        self.snapshots = {}            # block index -> (qsum copy, nq), until it is flushed
         self.blocks = []               # flushed key blocks
-        self.value_tokens = {}         # token -> (packed bytes per (b,h), s_bits, z_bits, deq)
+        self.value_tokens = {}         # token -> (width, [(packed, s_bits, z_bits, deq)
+                                       #                    per (b, h)])
         self.n_flushed = 0
 
     # -- input -----------------------------------------------------------------------------
@@ -462,7 +710,7 @@ class PortCache:
                     for d in range(D):
                         self.qsum[self._idx(b, h, d)] += query_fixed_point(flat[base + d])
             self.nq += 1
-            if self.nq % self.cfg.R == 0:
+            if self.nq % self.cfg.R == 0 and self.nq // self.cfg.R - 1 >= self.n_flushed:
                 self.snapshots[self.nq // self.cfg.R - 1] = (list(self.qsum), self.nq)
         self._flush()
 
@@ -489,6 +737,7 @@ class PortCache:
             if cfg.uses_queries and self.nq < (j + 1) * cfg.R:
                 break
             self._flush_block(j)
+            self.snapshots.pop(j, None)
             self.n_flushed += 1
         # values
         if cfg.value_window == "sliding":
@@ -496,35 +745,63 @@ class PortCache:
         else:
             last = self.n_flushed * cfg.R
         for t in range(len(self.value_tokens), max(last, 0)):
-            self._quantize_value_token(t)
+            if cfg.value_window == "block":
+                vb = self.blocks[t // cfg.R]["value_bits"]  # rd mode: the block's width
+            else:
+                vb = cfg.value_bits
+            self._quantize_value_token(t, vb)
 
     def _flush_block(self, j):
         cfg, B, H, D, R = self.cfg, self.B, self.H, self.D, self.cfg.R
         high, mid, low = cfg.tiers
-        snap = self.snapshots.get(j, (None, 0))
+        snap = self.snapshots.get(j)
+        if snap is None:   # no query of this block observed: nq == 0 for it (§7 step 5)
+            snap = ([0] * (B * H * D), 0)
         tier_map = [0] * (B * H * D)
         cols = {}
         for b in range(B):
             for h in range(H):
-                A = []
                 for d in range(D):
                     i = self._idx(b, h, d)
-                    col = [self.keys[t][i] for t in range(j * R, (j + 1) * R)]
-                    cols[i] = col
-                    mn, mx = channel_minmax(col)
-                    S = F32(F32(mx - mn) / F32((1 << low) - 1))
-                    I = relevance(snap[0][i], snap[1], self.n_rep) if snap[0] else F32(1.0)
-                    if cfg.policy == "query_aware":
-                        A.append(F32(I * S))
-                    elif cfg.policy == "key_only":
-                        A.append(S)
-                    elif cfg.policy == "query_only":
-                        A.append(I)
-                    else:
-                        A.append(ZERO32)
-                for d, w in enumerate(assign_tiers(A, cfg)):
-                    tier_map[self._idx(b, h, d)] = w
-        block = {"tier_map": tier_map, "tiers": {}}
+                    cols[i] = [self.keys[t][i] for t in range(j * R, (j + 1) * R)]
+        value_bits = cfg.value_bits
+        rd_report = None
+        if cfg.tier_mode == "rd":
+            # §8.3: w_d = I_d for policies that use queries, 1 otherwise
+            w = [[[float(relevance(snap[0][self._idx(b, h, d)], snap[1], self.n_rep))
+                   if cfg.uses_queries else 1.0 for d in range(D)]
+                  for h in range(H)] for b in range(B)]
+            keys = [[[cols[self._idx(b, h, d)] for d in range(D)] for h in range(H)]
+                    for b in range(B)]
+            vals = [[[self.values[t][(b * H + h) * D:(b * H + h + 1) * D]
+                      for t in range(j * R, (j + 1) * R)] for h in range(H)]
+                    for b in range(B)]
+            widths, value_bits, rd_report = rd_allocate(keys, vals, w, cfg, B, H, D)
+            for b in range(B):
+                for h in range(H):
+                    for d in range(D):
+                        tier_map[self._idx(b, h, d)] = widths[b][h][d]
+        else:
+            for b in range(B):
+                for h in range(H):
+                    A = []
+                    for d in range(D):
+                        i = self._idx(b, h, d)
+                        mn, mx = channel_minmax(cols[i])
+                        S = F32(F32(mx - mn) / F32((1 << low) - 1))
+                        I = relevance(snap[0][i], snap[1], self.n_rep)
+                        if cfg.policy == "query_aware":
+                            A.append(F32(I * S))
+                        elif cfg.policy == "key_only":
+                            A.append(S)
+                        elif cfg.policy == "query_only":
+                            A.append(I)
+                        else:
+                            A.append(ZERO32)
+                    for d, w_ in enumerate(assign_tiers(A, cfg)):
+                        tier_map[self._idx(b, h, d)] = w_
+        block = {"tier_map": tier_map, "tiers": {}, "value_bits": value_bits,
+                 "rd": rd_report}
         for w in cfg.stored_widths:
             rows = [i for i in range(B * H * D) if tier_map[i] == w]  # (b,h,d) lexicographic
             entry = {"rows": rows, "packed": [], "scale": [], "zero": [], "deq": []}
@@ -544,16 +821,15 @@ class PortCache:
             block["tiers"][w] = entry
         self.blocks.append(block)
 
-    def _quantize_value_token(self, t):
+    def _quantize_value_token(self, t, vb):
         cfg, D = self.cfg, self.D
-        vb = cfg.value_bits
         per = []
         for bh in range(self.B * self.H):
             xs = self.values[t][bh * D:(bh + 1) * D]
             codes, sb, zb, ss, zz = quantize_row(xs, vb, cfg.G, cfg.meta, "values", (t, bh))
             data = pack_row(codes, vb)
             per.append((data, sb, zb, dequantize_row(unpack_row(data, vb, D), ss, zz, cfg.G)))
-        self.value_tokens[t] = per
+        self.value_tokens[t] = (vb, per)
 
     # -- outputs ------------------------------------------------------------------------------
     def block_arrays(self, j):
@@ -578,7 +854,9 @@ class PortCache:
         """Per-token value arrays for tokens [t0, t1): packed, scale, zero (raw bits)."""
         cfg, B, H, D = self.cfg, self.B, self.H, self.D
         T = t1 - t0
-        width = (D * cfg.value_bits + 7) // 8
+        vb = self.value_tokens[t0][0]
+        assert all(self.value_tokens[t][0] == vb for t in range(t0, t1)), "mixed widths"
+        width = (D * vb + 7) // 8
         ng = -(-D // cfg.G)
         packed = np.zeros((B, H, T, width), np.uint8)
         bd = cfg.meta.bits_dtype
@@ -586,7 +864,7 @@ class PortCache:
         zero = np.zeros((B, H, T, ng), bd)
         for t in range(t0, t1):
             for bh in range(B * H):
-                data, sb, zb, _ = self.value_tokens[t][bh]
+                data, sb, zb, _ = self.value_tokens[t][1][bh]
                 b, h = divmod(bh, H)
                 packed[b, h, t - t0] = np.frombuffer(data, np.uint8)
                 scale[b, h, t - t0] = sb
@@ -605,7 +883,7 @@ class PortCache:
                 for i, row in zip(e["rows"], e["deq"]):
                     for r, v in enumerate(row):
                         K[j * R + r][i] = float(v)
-        for t, per in self.value_tokens.items():
+        for t, (_, per) in self.value_tokens.items():
             for bh, (_, _, _, deq) in enumerate(per):
                 for d, v in enumerate(deq):
                     V[t][bh * D + d] = float(v)
@@ -614,9 +892,9 @@ class PortCache:
         return np.ascontiguousarray(k), np.ascontiguousarray(v)
 
     def nbytes(self, input_itemsize: int) -> int:
-        """§9 accounting (the residual is kept in the input dtype)."""
+        """§9 accounting: every array the cache holds (the residual in the input dtype)."""
         cfg, B, H, D, R = self.cfg, self.B, self.H, self.D, self.cfg.R
-        meta_size = 4 if cfg.meta.name == "float32" else 2
+        m = cfg.meta_bytes
         total = 0
         for blk in self.blocks:
             total += B * H * D  # tier map, uint8
@@ -625,11 +903,13 @@ class PortCache:
                 if w == 16:
                     total += n * 2 * R
                 else:
-                    total += n * ((R * w + 7) // 8) + 2 * n * (R // cfg.G) * meta_size
-        nv = len(self.value_tokens)
-        total += nv * B * H * (((D * cfg.value_bits + 7) // 8) + 2 * (-(-D // cfg.G)) * meta_size)
-        T = len(self.keys)
+                    total += n * ((R * w + 7) // 8) + 2 * n * (R // cfg.G) * m
+        for vb, _ in self.value_tokens.values():
+            total += B * H * (((D * vb + 7) // 8) + 2 * (-(-D // cfg.G)) * m)
+        T, nv = len(self.keys), len(self.value_tokens)
         total += (T - self.n_flushed * R) * B * H * D * input_itemsize   # key residual
         total += (T - nv) * B * H * D * input_itemsize                   # value residual
-        total += B * H * D * 8                                            # qsum, int64
+        if self.nq > 0:
+            total += B * H * D * 8                                        # qsum, int64
+        total += len(self.snapshots) * B * H * D * 8      # snapshots of unflushed blocks
         return total

@@ -7,6 +7,8 @@ is present (tests marked ``gpu`` skip with the reason otherwise).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,15 +36,32 @@ def _backend(**kw):
 CPU = _backend(attention_split_tokens=32)
 
 
-def _gpu_backend():
+def _gpu_backend(**kw):
+    """The CUDA backend, or a visible skip (a failure when MIXKVQ_REQUIRE_GPU=1, as
+    scripts/gpu_check.sh sets, so a device run can never pass by skipping)."""
+    from mixkvq.backends.cupy import CupyBackend
+
     try:
-        return get_backend("cupy")
+        return CupyBackend(**kw)
     except Exception as exc:  # noqa: BLE001 - the reason is shown in the skip message
+        if os.environ.get("MIXKVQ_REQUIRE_GPU") == "1":
+            raise
         pytest.skip(f"no usable CUDA GPU for the cupy backend: {exc}")
 
 
+def _make(where, **kw):
+    return _backend(**kw) if where == "cpu" else _gpu_backend(**kw)
+
+
+WHERE = pytest.mark.parametrize("where", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+
+
+def _host(a):
+    return a.get() if type(a).__module__.split(".")[0] == "cupy" else np.asarray(a)
+
+
 def same_bits(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
+    a, b = _host(a), _host(b)
     return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
@@ -192,11 +211,12 @@ CONFIGS = st.fixed_dictionaries({
 })
 
 
+@WHERE
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=CONFIGS, B=st.integers(1, 2), H=st.integers(1, 2), n_rep=st.sampled_from([1, 2, 4]),
        D=st.sampled_from([8, 20, 32, 64, 128]), extra=st.integers(0, 40), Tq=st.sampled_from([1, 2, 5]),
        causal=st.booleans(), seed=st.integers(0, 2**32 - 1), split=st.sampled_from([32, 64, None]))
-def test_cache_and_fused_attention(c, B, H, n_rep, D, extra, Tq, causal, seed, split):
+def test_cache_and_fused_attention(where, c, B, H, n_rep, D, extra, Tq, causal, seed, split):
     """A whole streaming cache on the kernels stores the simulator's bytes; the fused
     attention over it agrees with the float64 reference within the stated bound."""
     R = c["group"] * 2
@@ -210,7 +230,7 @@ def test_cache_and_fused_attention(c, B, H, n_rep, D, extra, Tq, causal, seed, s
     q = rng.standard_normal((B, H * n_rep, T, D)).astype(np.float32)
     ref = KVCache(cfg.replace(backend="numpy"))
     mine = KVCache(cfg)
-    mine._backend = _backend(attention_split_tokens=split)
+    mine._backend = _make(where, attention_split_tokens=split)
     for lo, hi in ((0, T // 3), (T // 3, T)):  # streamed in two chunks
         if hi > lo:
             ref.append(k[:, :, lo:hi], v[:, :, lo:hi], queries=q[:, :, lo:hi])
@@ -224,6 +244,7 @@ def test_cache_and_fused_attention(c, B, H, n_rep, D, extra, Tq, causal, seed, s
     got = mine.attention(qq, causal=causal)
     keys, values = ref.dequantized()
     tol = attention_tolerance(qq, keys, values, 1.0 / np.sqrt(D))
+    got = _host(got)
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.max(np.abs(got - want)) <= tol
 

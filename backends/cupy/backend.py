@@ -24,6 +24,8 @@ _META_STORAGE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32
 _META_OF_STORAGE = {"float16": "float16", "uint16": "bfloat16", "float32": "float32"}
 #: Blocks per multiprocessor of the element-wise kernels (grid-stride loops do the rest).
 BLOCKS_PER_SM = 16
+#: attn_split blocks per multiprocessor the automatic split size aims for (4-5 fit at once).
+ATTN_BLOCKS_PER_SM = 8
 
 
 def _i32(v: int) -> np.int32:
@@ -318,7 +320,7 @@ class _KernelBackend:
         nz = -(-(n_rep * Tq) // K.ATTN_QROWS)
         split = self.attention_split_tokens
         if split is None:
-            want = max(1, -(-2 * self.launcher.sm_count // (B * H * nz)))
+            want = max(1, -(-ATTN_BLOCKS_PER_SM * self.launcher.sm_count // (B * H * nz)))
             split = -(-T // want)
         split = max(K.ATTN_TILE, -(-int(split) // K.ATTN_TILE) * K.ATTN_TILE)
         n_splits = -(-T // split)

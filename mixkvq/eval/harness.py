@@ -1,0 +1,303 @@
+"""The evaluation harness: streaming perplexity through each cache, agreement with full
+precision, per-layer attention error, memory and speed.
+
+Protocol (per method, same samples, same run):
+
+1. **Streaming perplexity.** Each sample is ``context + score`` tokens. The context is
+   prefilled through the cache in one forward pass; the ``score`` continuation is then fed
+   one token at a time, so every scored token attends to the quantized past exactly as in
+   deployment (blocks flush as the residual fills). NLL of each continuation token → ppl.
+2. **Agreement with full precision.** The full-precision run's next-token distributions are
+   the reference: mean KL(full ‖ method) per token and top-1 agreement.
+3. **Per-layer attention-output relative error.** Q/K/V of every layer are captured once
+   from a full-precision prefill; each layer's K/V go through a core KVCache of the method
+   (with the queries), and ``‖attn(Q, K̂, V̂) − attn(Q, K, V)‖ / ‖attn(Q, K, V)‖`` is
+   measured for the probe queries — the same inputs for every method, no error
+   propagation across layers.
+4. **Memory and speed.** True stored bytes and bits per element at the end of the stream,
+   nominal code bits, mean decode time per token and its ratio to the full-precision
+   (DynamicCache) run.
+5. **Continuations.** A short greedy continuation of one prompt per method.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..cache import KVCache
+from ..config import MixKVQConfig
+from .methods import Method, MethodUnavailable, build_cache, cache_stats
+
+CAPTURE_IMPLEMENTATION = "mixkvq_capture"
+
+
+@dataclass
+class EvalSettings:
+    """Sizes of an evaluation run."""
+
+    n_samples: int = 1
+    context_len: int = 384
+    score_len: int = 128
+    gen_prompt_len: int = 256
+    gen_tokens: int = 24
+    probe_queries: int = 64
+    seed: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        for name in ("n_samples", "context_len", "score_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.score_len < 2:
+            raise ValueError("score_len must be >= 2 (one prefill prediction and at least one decode step)")
+        if self.gen_tokens < 0 or self.probe_queries < 1:
+            raise ValueError("gen_tokens must be >= 0 and probe_queries >= 1")
+
+
+@dataclass
+class MethodResult:
+    name: str
+    description: str
+    kind: str
+    available: bool = True
+    reason: str = ""
+    ppl: float = float("nan")
+    nll: float = float("nan")
+    kl: float = float("nan")
+    top1: float = float("nan")
+    nbytes: float = float("nan")
+    bits_per_element: float = float("nan")
+    nominal_bits: float = float("nan")
+    decode_ms: float = float("nan")
+    decode_ratio: float = float("nan")
+    attn_err_layers: list[float] = field(default_factory=list)
+    attn_err: float = float("nan")
+    continuation: str = ""
+    config: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        for k, v in d.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                d[k] = None
+        return d
+
+
+def _cache_kw(model: Any) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def make_samples(tokenizer: Any, docs: list[str], settings: EvalSettings) -> list[torch.Tensor]:
+    """``n_samples`` token sequences of ``context_len + score_len`` ids, from consecutive
+    documents (EOS-separated), each sample starting at a fresh document."""
+    from ..data import DataError
+
+    need = settings.context_len + settings.score_len
+    out, i = [], 0
+    eos = tokenizer.eos_token_id
+    while len(out) < settings.n_samples:
+        ids: list[int] = []
+        start = i
+        while len(ids) < need:
+            if i - start >= len(docs):
+                raise DataError(f"the text is too short for samples of {need} tokens; pass a longer text or smaller lengths")
+            ids.extend(tokenizer(docs[i % len(docs)], add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                ids.append(int(eos))
+            i += 1
+        out.append(torch.tensor([ids[:need]], dtype=torch.long))
+    return out
+
+
+@torch.no_grad()
+def stream(model: Any, cache: Any, ids: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Prefill ``ids[:, :context_len]`` through ``cache``, then feed the rest one token at a
+    time. Returns (log-probs ``(S, V)`` of the predictions for tokens ``context_len..``, the
+    target ids ``(S,)``, decode step times in seconds)."""
+    kw = _cache_kw(model)
+    T = ids.shape[1]
+    out = model(input_ids=ids[:, :context_len], use_cache=True, **{kw: cache})
+    logps = [torch.log_softmax(out.logits[0, -1].float(), -1)]
+    times = []
+    for t in range(context_len, T - 1):
+        t0 = time.perf_counter()
+        out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: cache})
+        times.append(time.perf_counter() - t0)
+        logps.append(torch.log_softmax(out.logits[0, -1].float(), -1))
+    return torch.stack(logps), ids[0, context_len:], times
+
+
+# -- Q/K/V capture --------------------------------------------------------------------------------
+_CAPTURED: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _CAPTURED[int(module.layer_idx)] = (query.detach().clone(), key.detach().clone(), value.detach().clone())
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@torch.no_grad()
+def capture_qkv(model: Any, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Post-RoPE queries, keys and values ``(B, H*, T, D)`` of every layer for a
+    full-precision forward of ``ids`` (no cache), keyed by layer index."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
+    previous = model.config._attn_implementation
+    _CAPTURED.clear()
+    model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+    captured = dict(_CAPTURED)
+    _CAPTURED.clear()
+    return captured
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention in float64; ``q`` holds the last ``Tq`` positions of ``k``."""
+    q, k, v = (x.double() for x in (q, k, v))
+    n_rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(n_rep, dim=1)
+    v = v.repeat_interleave(n_rep, dim=1)
+    T, Tq = k.shape[2], q.shape[2]
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    pos = torch.arange(T - Tq, T)[:, None]
+    s = s.masked_fill(torch.arange(T)[None, :] > pos, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def attention_errors(config: MixKVQConfig, captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     probe: int) -> tuple[list[float], list[KVCache]]:
+    """Per-layer relative attention-output error of ``config`` on captured Q/K/V; the
+    filled caches are returned too (for their byte counts)."""
+    from ..integrations.transformers import default_backend_name
+
+    cfg = config if config.backend is not None else config.replace(backend=default_backend_name())
+    errs, caches = [], []
+    for li in sorted(captured):
+        q, k, v = captured[li]
+        cache = KVCache(cfg)
+        if cfg.backend == "numpy":  # the simulator: hand it NumPy arrays, get NumPy back
+            cache.append(k.numpy(), v.numpy(), queries=q.numpy())
+        else:
+            cache.append(k, v, queries=q)
+        kh, vh = (torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x for x in cache.dequantized())
+        qp = q[:, :, -probe:]
+        ref = _attend(qp, k, v)
+        got = _attend(qp, kh, vh)
+        errs.append(float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)))
+        caches.append(cache)
+    return errs, caches
+
+
+# -- the run ------------------------------------------------------------------------------------
+def _progress(iterable: Any, settings: EvalSettings, **kw: Any) -> Any:
+    if not settings.progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kw)
+
+
+@torch.no_grad()
+def evaluate(model: Any, tokenizer: Any, docs: list[str], methods: list[Method], settings: EvalSettings,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every method on the same samples; returns a JSON-ready results dict."""
+    from ..integrations.transformers import enable
+
+    settings.check()
+    torch.manual_seed(settings.seed)
+    enable(model)
+    samples = make_samples(tokenizer, docs, settings)
+    order = sorted(methods, key=lambda m: m.kind != "full")  # the reference first
+    if order[0].kind != "full":
+        from .methods import builtin_methods
+
+        order.insert(0, builtin_methods()["full"])
+    captured = capture_qkv(model, samples[0][:, : settings.context_len])
+    gen_prompt = samples[0][:, : min(settings.gen_prompt_len, samples[0].shape[1])]
+    ref_logps: list[torch.Tensor] = []
+    full_ms = float("nan")
+    results: list[MethodResult] = []
+    for method in _progress(order, settings, desc="methods", unit="method"):
+        res = MethodResult(method.name, method.description, method.kind,
+                           config=method.config.to_dict() if method.config is not None else None)
+        try:
+            build_cache(method, model)  # availability check before spending time
+        except MethodUnavailable as exc:
+            res.available, res.reason = False, str(exc)
+            log(f"[{method.name}] unavailable: {exc}")
+            results.append(res)
+            continue
+        nll_sum = kl_sum = n_tok = agree = 0.0
+        times: list[float] = []
+        stats: dict[str, float] = {}
+        for si, ids in enumerate(_progress(samples, settings, desc=method.name, unit="sample", leave=False)):
+            cache = build_cache(method, model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                logp, targets, t = stream(model, cache, ids, settings.context_len)
+            times.extend(t)
+            nll_sum += float(-logp.gather(1, targets[:, None]).sum())
+            n_tok += targets.numel()
+            if method.kind == "full":
+                ref_logps.append(logp)
+            else:
+                ref = ref_logps[si]
+                kl_sum += float((ref.exp() * (ref - logp)).sum())
+                agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
+            s = cache_stats(cache)
+            for k2, v2 in s.items():
+                stats[k2] = stats.get(k2, 0.0) + v2 / len(samples)
+            del cache
+        res.nll = nll_sum / n_tok
+        res.ppl = math.exp(res.nll)
+        res.kl = kl_sum / n_tok if method.kind != "full" else 0.0
+        res.top1 = agree / n_tok if method.kind != "full" else 1.0
+        res.nbytes, res.bits_per_element, res.nominal_bits = stats["nbytes"], stats["bits_per_element"], stats["nominal_bits"]
+        res.decode_ms = 1000.0 * float(np.mean(times)) if times else float("nan")
+        if method.kind == "full":
+            full_ms = res.decode_ms
+        res.decode_ratio = res.decode_ms / full_ms if full_ms == full_ms else float("nan")
+        if method.kind == "mixkvq":
+            res.attn_err_layers, _ = attention_errors(method.config, captured, settings.probe_queries)
+            res.attn_err = float(np.mean(res.attn_err_layers))
+        elif method.kind == "full":
+            res.attn_err_layers, res.attn_err = [0.0] * len(captured), 0.0
+        if settings.gen_tokens:
+            cache = build_cache(method, model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = model.generate(input_ids=gen_prompt, attention_mask=torch.ones_like(gen_prompt),
+                                     max_new_tokens=settings.gen_tokens, do_sample=False, past_key_values=cache,
+                                     pad_token_id=tokenizer.pad_token_id)
+            res.continuation = tokenizer.decode(out[0, gen_prompt.shape[1]:], skip_special_tokens=True)
+        log(f"[{method.name}] ppl {res.ppl:.3f}  KL {res.kl:.4f}  top1 {res.top1:.3f}  bits/elem {res.bits_per_element:.2f}  "
+            f"decode {res.decode_ms:.1f} ms/token")
+        results.append(res)
+    full = next(r for r in results if r.kind == "full")
+    for r in results:
+        r_d = r.ppl - full.ppl
+        setattr(r, "delta_ppl", r_d)
+    return {
+        "settings": dict(settings.__dict__),
+        "n_scored_tokens": int(settings.n_samples * settings.score_len),
+        "gen_prompt": tokenizer.decode(gen_prompt[0, -200:], skip_special_tokens=True),
+        "results": [{**r.to_dict(), "delta_ppl": (None if not math.isfinite(getattr(r, "delta_ppl", float("nan")))
+                                                  else getattr(r, "delta_ppl"))} for r in results],
+    }

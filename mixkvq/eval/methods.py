@@ -1,0 +1,161 @@
+"""The KV-cache methods an evaluation compares, and how to build each one's cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import MixKVQConfig
+
+
+class MethodUnavailable(RuntimeError):
+    """A method cannot run here (e.g. an optional package is missing); the message says why."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the results table.
+
+    Attributes:
+        name: short id used on the command line and in results.
+        kind: ``"full"`` (transformers DynamicCache), ``"mixkvq"`` (MixKVQCache with
+            ``config``), ``"quanto"`` / ``"hqq"`` (transformers QuantizedCache).
+        config: the MixKVQ config (kind ``"mixkvq"``).
+        options: QuantizedCache options (``nbits``, ``q_group_size``, ``residual_length``).
+        description: what the row is, for the table.
+    """
+
+    name: str
+    kind: str
+    config: MixKVQConfig | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "description": self.description,
+                "config": self.config.to_dict() if self.config is not None else None, "options": dict(self.options)}
+
+
+def kivi(bits: int, group_size: int = 32, residual_length: int = 128) -> Method:
+    """KIVI-style uniform quantization: keys per channel and values per token at ``bits``."""
+    cfg = MixKVQConfig(policy="uniform", low_bits=bits, mid_bits=max(bits, 4), value_bits=bits,
+                       group_size=group_size, residual_length=residual_length)
+    name = f"kivi{bits}" + (f"_g{group_size}" if group_size != 32 else "")
+    return Method(name, "mixkvq", cfg, description=f"KIVI-{bits} (uniform K{bits}/V{bits}, G={group_size})")
+
+
+def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | None = None) -> dict[str, Method]:
+    """Every named method. ``base`` is the MixKVQ config (default: the paper's budget mode);
+    ``threshold`` the threshold-mode config (default: ``base`` with ``tier_mode="threshold"``)."""
+    base = base or MixKVQConfig()
+    if base.tier_mode != "budget":
+        budget_cfg = base.replace(tier_mode="budget")
+    else:
+        budget_cfg = base
+    thr = threshold or (base if base.tier_mode == "threshold" else base.replace(tier_mode="threshold"))
+    R, G = base.residual_length, base.group_size
+    out: dict[str, Method] = {
+        "full": Method("full", "full", description="full precision (DynamicCache)"),
+        "mixkvq": Method("mixkvq", "mixkvq", budget_cfg, description="MixKVQ, budget mode (query-aware)"),
+        "mixkvq_thr": Method("mixkvq_thr", "mixkvq", thr, description="MixKVQ, threshold mode (query-aware)"),
+        "key_only": Method("key_only", "mixkvq", budget_cfg.replace(policy="key_only"),
+                           description="ablation: salience = key range only (same budget)"),
+        "query_only": Method("query_only", "mixkvq", budget_cfg.replace(policy="query_only"),
+                             description="ablation: salience = mean |q| only (same budget)"),
+        "quanto2": Method("quanto2", "quanto", options={"nbits": 2, "q_group_size": G, "residual_length": R},
+                          description="transformers QuantizedCache, quanto int2"),
+        "quanto4": Method("quanto4", "quanto", options={"nbits": 4, "q_group_size": G, "residual_length": R},
+                          description="transformers QuantizedCache, quanto int4"),
+        "hqq2": Method("hqq2", "hqq", options={"nbits": 2, "q_group_size": G, "residual_length": R},
+                       description="transformers QuantizedCache, HQQ 2-bit"),
+    }
+    for bits in (2, 3, 4):
+        for g in (32, 64, 128):
+            if R % g == 0:
+                m = kivi(bits, g, R)
+                out[m.name] = m
+    return out
+
+
+QUICK_METHODS = ("full", "kivi2", "kivi4", "quanto2", "mixkvq", "mixkvq_thr", "key_only", "query_only")
+FULL_METHODS = QUICK_METHODS + ("kivi3", "kivi2_g64", "kivi2_g128", "kivi3_g64", "kivi3_g128",
+                                "kivi4_g64", "kivi4_g128")
+
+
+def resolve_methods(names: "list[str] | tuple[str, ...]", catalog: dict[str, Method]) -> list[Method]:
+    """Look up method names; unknown names raise ValueError listing the known ones."""
+    unknown = [n for n in names if n not in catalog]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(catalog))}")
+    seen: dict[str, Method] = {}
+    for n in names:
+        seen.setdefault(n, catalog[n])
+    return list(seen.values())
+
+
+def build_cache(method: Method, model: Any) -> Any:
+    """A fresh cache object for one run of ``method`` on ``model``."""
+    if method.kind == "full":
+        from transformers import DynamicCache
+
+        return DynamicCache(config=model.config)
+    if method.kind == "mixkvq":
+        from ..integrations.transformers import MixKVQCache
+
+        return MixKVQCache(method.config, model_config=model.config)
+    if method.kind in ("quanto", "hqq"):
+        from transformers import QuantizedCache
+
+        try:
+            return QuantizedCache(backend=method.kind, config=model.config, **method.options)
+        except ImportError as exc:
+            raise MethodUnavailable(f"{method.kind} is not installed ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # noqa: BLE001 - report, never fake
+            raise MethodUnavailable(f"QuantizedCache({method.kind}) failed: {type(exc).__name__}: {exc}") from None
+    raise ValueError(f"unknown method kind {method.kind!r}")
+
+
+# -- accounting of foreign caches ------------------------------------------------------------------
+def _tensor_bytes(t: Any) -> int:
+    """Storage bytes of a tensor, looking inside tensor subclasses (quanto QTensors)."""
+    import torch
+
+    if t is None:
+        return 0
+    if isinstance(t, (tuple, list)):
+        return sum(_tensor_bytes(x) for x in t)
+    if isinstance(t, dict):
+        return sum(_tensor_bytes(x) for x in t.values() if isinstance(x, torch.Tensor))
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        names, _ = flatten()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    if isinstance(t, torch.Tensor):
+        return int(t.numel() * t.element_size())
+    return 0
+
+
+def cache_stats(cache: Any) -> dict[str, float]:
+    """``nbytes``, true ``bits_per_element`` and ``nominal_bits`` of any supported cache."""
+    from ..integrations.transformers import MixKVQCache
+
+    if isinstance(cache, MixKVQCache):
+        return {"nbytes": cache.nbytes, "bits_per_element": cache.bits_per_element, "nominal_bits": cache.nominal_bits}
+    nbytes = elements = 0
+    nominal = None
+    for layer in cache.layers:
+        T = layer.get_seq_length()
+        shaped = [t for t in (getattr(layer, "keys", None), getattr(layer, "_quantized_keys", None))
+                  if t is not None and len(t.shape) == 4]
+        if not shaped or T == 0:
+            continue
+        B, H, _, D = (int(s) for s in shaped[0].shape)
+        elements += 2 * B * H * T * D
+        nbytes += _tensor_bytes(layer.keys) + _tensor_bytes(layer.values)
+        if getattr(layer, "_quantized_keys", None) is not None:
+            nbytes += _tensor_bytes(layer._quantized_keys) + _tensor_bytes(layer._quantized_values)
+            nominal = float(getattr(layer, "nbits", 0)) or None
+    if nominal is None and elements:
+        nominal = float(8 * next(l.keys.element_size() for l in cache.layers if getattr(l, "keys", None) is not None and l.keys.dim() == 4))
+    return {"nbytes": nbytes, "bits_per_element": 8.0 * nbytes / elements if elements else 0.0,
+            "nominal_bits": nominal or 0.0}

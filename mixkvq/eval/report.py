@@ -1,0 +1,73 @@
+"""Results as JSON, a Markdown table and a quality-vs-bits plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _f(x: Any, fmt: str) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return format(x, fmt)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per method: quality, agreement with full precision, memory, speed."""
+    head = ("| method | ppl | Δppl | KL(full‖m) | top-1 agree | attn err (mean over layers) | true bits/elem | "
+            "nominal bits | cache KiB | decode ms/tok | × full |")
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    for r in results["results"]:
+        if not r["available"]:
+            lines.append(f"| {r['name']} | unavailable: {r['reason']} |" + " |" * 9)
+            continue
+        lines.append(
+            f"| {r['name']} | {_f(r['ppl'], '.3f')} | {_f(r.get('delta_ppl'), '+.3f')} | {_f(r['kl'], '.4f')} | "
+            f"{_f(r['top1'], '.3f')} | {_f(r['attn_err'], '.4f')} | {_f(r['bits_per_element'], '.2f')} | "
+            f"{_f(r['nominal_bits'], '.2f')} | {_f(r['nbytes'] / 1024 if r['nbytes'] is not None else None, '.0f')} | "
+            f"{_f(r['decode_ms'], '.1f')} | {_f(r['decode_ratio'], '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def continuations_table(results: dict[str, Any]) -> str:
+    lines = ["| method | greedy continuation |", "|---|---|"]
+    for r in results["results"]:
+        if r["available"] and r.get("continuation"):
+            text = r["continuation"].replace("|", "\\|").replace("\n", " ⏎ ")
+            lines.append(f"| {r['name']} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_json(results: dict[str, Any], path: "str | Path") -> None:
+    Path(path).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+
+
+def plot(results: dict[str, Any], path: "str | Path", *, title: str = "") -> None:
+    """Quality (Δ perplexity vs full precision, and KL) against TRUE bits per element."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["results"] if r["available"] and r["kind"] != "full" and r.get("delta_ppl") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label in ((axes[0], "delta_ppl", "Δ perplexity vs full precision"),
+                           (axes[1], "kl", "KL(full ‖ method) per token")):
+        for r in rows:
+            name = r["name"]
+            color = ("tab:red" if name.startswith("mixkvq") else "tab:blue" if name.startswith("kivi")
+                     else "tab:green" if name in ("key_only", "query_only") else "tab:gray")
+            marker = "*" if name.startswith("mixkvq") else "o"
+            ax.scatter(r["bits_per_element"], max(r[key], 1e-6), c=color, marker=marker, s=90 if marker == "*" else 40)
+            ax.annotate(name, (r["bits_per_element"], max(r[key], 1e-6)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("true bits per K/V element (every stored byte, incl. residual and metadata)")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "KV-cache quantization on the embedded model: quality vs true bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

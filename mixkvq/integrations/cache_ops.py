@@ -74,7 +74,7 @@ def select_batch(cache: KVCache, indices: "Sequence[int] | Any") -> None:
     backend = cache.backend
     s = cache._state.copy()
     s.key_blocks = [_select_block(b, idx, backend) for b in s.key_blocks]
-    s.value_rows = [ValueRows(_take(r.packed, idx), _take(r.scale, idx), _take(r.zero, idx)) for r in s.value_rows]
+    s.value_rows = [ValueRows(_take(r.packed, idx), _take(r.scale, idx), _take(r.zero, idx), r.bits) for r in s.value_rows]
     s.residual_keys = _take(s.residual_keys, idx)
     s.residual_values = _take(s.residual_values, idx)
     s.qsum = _take(s.qsum, idx)
@@ -123,7 +123,7 @@ def crop(cache: KVCache, n_tokens: int) -> None:
             if acc >= keep:
                 break
             take = min(r.n_tokens, keep - acc)
-            rows.append(r if take == r.n_tokens else ValueRows(r.packed[:, :, :take], r.scale[:, :, :take], r.zero[:, :, :take]))
+            rows.append(r if take == r.n_tokens else ValueRows(r.packed[:, :, :take], r.scale[:, :, :take], r.zero[:, :, :take], r.bits))
             acc += take
         s.value_rows = rows
         s.residual_values = s.residual_values[:, :, :0]

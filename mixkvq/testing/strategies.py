@@ -12,12 +12,15 @@ All strategies return plain Python / NumPy values; nothing here imports a backen
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
 
+from mixkvq.dtypes import ITEMSIZE
 from mixkvq.config import MixKVQConfig
 
 #: Value kinds :func:`float_arrays` can draw.
@@ -161,7 +164,9 @@ def configs(draw: Any, *, head_dim: int | None = None, backend: str | None = Non
     """A valid :class:`MixKVQConfig` covering every policy, both tier modes, every bit width,
     group size, residual length, metadata dtype, high dtype and value window."""
     policy = draw(st.sampled_from(POLICIES))
-    tier_mode = draw(st.sampled_from(["budget", "threshold"]))
+    tier_mode = draw(st.sampled_from(["budget", "threshold", "rd"]))
+    if tier_mode == "rd" and policy == "uniform":
+        policy = draw(st.sampled_from([p for p in POLICIES if p != "uniform"]))
     low_bits = draw(bits)
     mid_bits = draw(st.integers(low_bits, 8))
     group_size = draw(st.sampled_from([1, 2, 4, 8, 16, 32]))
@@ -173,13 +178,31 @@ def configs(draw: Any, *, head_dim: int | None = None, backend: str | None = Non
         hi = draw(st.sampled_from([0.0, 1 / 32, 0.125, 0.25, 0.5]))
         budget = (hi, draw(st.sampled_from([0.0, 0.125, 0.25, 0.5])))
     thresholds = draw(st.sampled_from([(1.44, 0.79), (0.5, 0.1), (0.05, 0.01), (0.0, 0.0), (1e-3, 1e-6), (10.0, 0.3)]))
+    meta_dtype = draw(meta_dtypes)
+    value_window = draw(st.sampled_from(["block", "sliding"]))
+    rd: dict[str, Any] = {}
+    if tier_mode == "rd":
+        # per-channel bit ladders (§8.3): any widths 1..8 plus optionally 16
+        ladder = sorted(draw(st.sets(bits, min_size=1, max_size=4)) | draw(st.sampled_from([set(), {16}])))
+        value_ladder = sorted(draw(st.sets(bits, min_size=1, max_size=3)))
+        value_window = "block"
+        rd = dict(bit_ladder=tuple(ladder), value_bit_ladder=tuple(value_ladder),
+                  rd_bits=_rd_min_bits(ladder[0], value_ladder[0], residual_length, group_size, head_dim or 40,
+                                       ITEMSIZE[meta_dtype]) + draw(st.sampled_from([0.0, 0.3, 1.0, 4.0, 20.0])))
     return MixKVQConfig(
         policy=policy, tier_mode=tier_mode, budget=budget, thresholds=thresholds,
         high_dtype=draw(high_dtypes), mid_bits=mid_bits, low_bits=low_bits,
         value_bits=draw(bits), group_size=group_size, residual_length=residual_length,
-        value_window=draw(st.sampled_from(["block", "sliding"])), meta_dtype=draw(meta_dtypes),
-        backend=backend,
+        value_window=value_window, meta_dtype=meta_dtype, backend=backend, **rd,
     )
+
+
+def _rd_min_bits(key_bits: int, value_bits: int, R: int, G: int, D: int, meta_bytes: int) -> float:
+    """Smallest ``rd_bits`` every block of this geometry can meet (§8.3 step 3), rounded up."""
+    from mixkvq.sim.allocate import key_channel_bits, value_head_bits
+
+    total = D * (8 + key_channel_bits(key_bits, R, G, meta_bytes)) + value_head_bits(value_bits, R, D, G, meta_bytes)
+    return math.ceil(1000 * total / (2 * R * D)) / 1000
 
 
 @st.composite

@@ -96,7 +96,7 @@ def build_view(backend, cfg: MixKVQConfig, B: int, T: int, seed: int = 0) -> Cac
         sal = rel * backend.difficulty(k, cfg.low_bits)
         tier_map = backend.assign_budget(sal, n_high, n_mid, (16, cfg.mid_bits, cfg.low_bits))
         blocks.append(encode_key_block(backend, k, tier_map, cfg))
-        values.append(ValueRows(*backend.quantize(v, cfg.value_bits, cfg.group_size, cfg.meta_dtype, "values")))
+        values.append(ValueRows(*backend.quantize(v, cfg.value_bits, cfg.group_size, cfg.meta_dtype, "values"), cfg.value_bits))
     r = T - (T // R) * R
     res_k, res_v = normal((B, HKV, r, D)).astype(xp.float16), normal((B, HKV, r, D)).astype(xp.float16)
     return CacheView(cfg, backend, blocks, values, res_k, res_v, D)

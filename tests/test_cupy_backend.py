@@ -200,7 +200,7 @@ def test_salience_and_tiers_bit_exact(B, H, R, D, low, seed, ties, budget):
 
 CONFIGS = st.fixed_dictionaries({
     "policy": st.sampled_from(["query_aware", "key_only", "query_only", "uniform"]),
-    "tier_mode": st.sampled_from(["budget", "threshold"]),
+    "tier_mode": st.sampled_from(["budget", "threshold", "rd"]),
     "meta_dtype": META,
     "high_dtype": st.sampled_from(["bfloat16", "float16"]),
     "mid_bits": st.integers(2, 8),
@@ -220,10 +220,15 @@ def test_cache_and_fused_attention(where, c, B, H, n_rep, D, extra, Tq, causal, 
     """A whole streaming cache on the kernels stores the simulator's bytes; the fused
     attention over it agrees with the float64 reference within the stated bound."""
     R = c["group"] * 2
+    rd = {}
+    if c["tier_mode"] == "rd":  # per-block key widths and value width; needs salience and block values
+        c["policy"] = "key_only" if c["policy"] == "uniform" else c["policy"]
+        c["value_window"] = "block"
+        rd = dict(rd_bits=20.0)
     cfg = MixKVQConfig(policy=c["policy"], tier_mode=c["tier_mode"], meta_dtype=c["meta_dtype"],
                        high_dtype=c["high_dtype"], mid_bits=c["mid_bits"], low_bits=2, value_bits=c["value_bits"],
                        value_window=c["value_window"], group_size=c["group"], residual_length=R,
-                       budget=(1, min(2, D - 1)), thresholds=(1.0, 0.5))
+                       budget=(1, min(2, D - 1)), thresholds=(1.0, 0.5), **rd)
     T = c["blocks"] * R + extra
     rng = np.random.default_rng(seed)
     k, v = (rng.standard_normal((2, B, H, T, D)) * 2).astype(np.float32)

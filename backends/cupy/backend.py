@@ -250,7 +250,7 @@ class _KernelBackend:
         ``(nkb, B*H*D)`` uint8, row index of each channel within its tier ``(nkb, B*H*D)``
         int32, pointer tables of key tiers ``(nkb, 17, 3)`` and value chunks ``(nvc, 3)``
         (uint64: packed, scale, zero), token -> value chunk ``(nvq,)`` int32 and chunk
-        (start, length) ``(nvc, 2)`` int64. Holds references to every array it points to."""
+        (start, length, bits) ``(nvc, 3)`` int64. Holds references to every array it points to."""
         xp, cfg = self.xp, view.config
         D, R = int(view.head_dim), int(cfg.residual_length)
         keep: list[Any] = []
@@ -279,14 +279,14 @@ class _KernelBackend:
         sizes = [int(c.packed.shape[2]) for c in chunks]
         nvq = sum(sizes)
         vptr = np.zeros((max(len(chunks), 1), 3), dtype=np.uint64)
-        vchunk = np.zeros((max(len(chunks), 1), 2), dtype=np.int64)
+        vchunk = np.zeros((max(len(chunks), 1), 3), dtype=np.int64)
         start = 0
         for c, (rows, n) in enumerate(zip(chunks, sizes)):
             for s, a in enumerate((rows.packed, rows.scale, rows.zero)):
                 a = xp.ascontiguousarray(a)
                 keep.append(a)
                 vptr[c, s] = self._ptr(a) if a.size else 0
-            vchunk[c] = (start, n)
+            vchunk[c] = (start, n, int(getattr(rows, "bits", cfg.value_bits)))
             start += n
         vtok = np.repeat(np.arange(len(chunks), dtype=np.int32), sizes) if nvq else np.zeros(1, np.int32)
 
@@ -330,7 +330,7 @@ class _KernelBackend:
         self.launcher.launch("attn_split", (n_splits, B * H, nz), (K.ATTN_THREADS, 1, 1), [
             q32, _i32(B), _i32(H), _i32(n_rep), _i32(Tq), _i32(D), np.int64(T), np.float32(scale), _i32(int(causal)),
             _i32(p["nkb"]), _i32(p["R"]), _i32(cfg.group_size), _i32(_KIND[cfg.meta_dtype]), _i32(high_kind),
-            p["tm"], p["row_index"], p["kptr"], p["res_k"], _i32(cfg.value_bits), np.int64(p["nvq"]), p["vtok"],
+            p["tm"], p["row_index"], p["kptr"], p["res_k"], np.int64(p["nvq"]), p["vtok"],
             p["vchunk"], p["vptr"], p["res_v"], np.int64(split), part_acc, part_ml])
         out = xp.empty((B, Hq, Tq, D), dtype=xp.float32)
         rows = B * Hq * Tq

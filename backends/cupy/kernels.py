@@ -36,7 +36,7 @@ MODULES: dict[str, tuple[str, dict[str, str]]] = {
         "assign_threshold": "pqffiiip",
     }),
     "attention": ("attention.cu", {
-        "attn_split": "piiiiiqfiiiiiippppiqppppqpp",
+        "attn_split": "piiiiiqfiiiiiippppqppppqpp",
         "attn_combine": "ppiqip",
     }),
 }

@@ -51,12 +51,13 @@ __device__ __forceinline__ float load_key(long long tok, int d, long long bh, in
 }
 
 __device__ __forceinline__ float load_value(long long tok, int d, long long bh, int D, int G, int meta_kind,
-                                            int vbits, long long nvq, const int* vtok_chunk,
+                                            long long nvq, const int* vtok_chunk,
                                             const long long* vchunk, const unsigned long long* vptr,
                                             const float* res_v, long long rv) {
     if (tok >= nvq) return res_v[(bh * rv + (tok - nvq)) * D + d];
     int c = vtok_chunk[tok];
-    long long start = vchunk[2 * c], n = vchunk[2 * c + 1];
+    long long start = vchunk[3 * c], n = vchunk[3 * c + 1];
+    int vbits = (int)vchunk[3 * c + 2];  // each chunk has its own width (rd mode)
     long long row = bh * n + (tok - start);
     int rb = (D * vbits + 7) / 8, ng = (D + G - 1) / G;
     const unsigned long long* p = vptr + (long long)c * 3;
@@ -70,7 +71,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attn_split(const float* __restrict__ q, int B, int H, int n_rep, int Tq, int D, long long T, float scale, int causal,
            int nkb, int R, int G, int meta_kind, int high_kind, const unsigned char* __restrict__ tier_maps,
            const int* __restrict__ row_index, const unsigned long long* __restrict__ kptr,
-           const float* __restrict__ res_k, int vbits, long long nvq, const int* __restrict__ vtok_chunk,
+           const float* __restrict__ res_k, long long nvq, const int* __restrict__ vtok_chunk,
            const long long* __restrict__ vchunk, const unsigned long long* __restrict__ vptr,
            const float* __restrict__ res_v, long long split_len, float* __restrict__ part_acc,
            float* __restrict__ part_ml) {
@@ -109,7 +110,7 @@ attn_split(const float* __restrict__ q, int B, int H, int n_rep, int Tq, int D, 
             float kv = 0.0f, vv = 0.0f;
             if (tok < t1) {
                 kv = load_key(tok, d, bh, D, BHD, nkb, R, G, meta_kind, high_kind, tier_maps, row_index, kptr, res_k, rk);
-                vv = load_value(tok, d, bh, D, G, meta_kind, vbits, nvq, vtok_chunk, vchunk, vptr, res_v, rv);
+                vv = load_value(tok, d, bh, D, G, meta_kind, nvq, vtok_chunk, vchunk, vptr, res_v, rv);
             }
             Ks[t][d] = kv;
             Vs[t][d] = vv;

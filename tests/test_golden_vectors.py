@@ -19,6 +19,15 @@ def test_torch_backend_reproduces_golden_vectors():
     assert check_vectors(VECTORS, backend="torch") == []
 
 
+def test_cuda_kernels_on_the_cpu_reproduce_golden_vectors():
+    """The CUDA C sources, compiled for the CPU, against every golden case."""
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found: the CUDA sources cannot be built for the CPU")
+    assert check_vectors(VECTORS, backend="cupy-cpu") == []
+
+
 def test_manifest_covers_every_case():
     import json
 

@@ -265,3 +265,9 @@ def test_integer_input_is_rejected():
 def test_unknown_backend_lists_available():
     with pytest.raises(ValueError, match="unknown backend 'nope'; available backends: .*numpy"):
         mixkvq.quantize(np.ones((2, 4), np.float32), bits=2, backend="nope")
+
+
+def test_nan_salience_ranks_last_and_is_low():
+    a = np.array([[[np.nan, 1.0, np.nan, 0.0]]], np.float32)
+    assert sim.assign_budget(a, 1, 2, (16, 4, 2)).tolist() == [[[4, 16, 2, 4]]]
+    assert sim.assign_threshold(a, 0.5, -1.0, (16, 4, 2)).tolist() == [[[2, 16, 2, 4]]]

@@ -148,7 +148,8 @@ def rd_allocate(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ..
     # Greedy over convex-hull steps by gain per bit (§8.3 step 4).
     n_keys = B * H * D
     err_rows = key_err.reshape(n_keys, len(ladder))
-    owner, step_no, dcost, gain, to_width = [], [], [], [], []
+    empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float64)  # one-width ladders have no steps
+    owner, step_no, dcost, gain, to_width = [empty_i], [empty_i], [empty_f], [empty_f], [empty_i]
     for chains, cost_ladder, widths, owners in (
         (_hull_chains(key_cost, err_rows), key_cost, ladder, np.arange(n_keys)),
         (_hull_chains(value_cost, value_err[None, :]), value_cost, value_ladder, np.array([n_keys])),

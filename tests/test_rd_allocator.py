@@ -124,6 +124,12 @@ def test_cache_rd_mode_is_chunking_independent():
     assert [a.tobytes() for a in one.arrays()] == [a.tobytes() for a in many.arrays()]
 
 
+def test_single_width_ladders_leave_nothing_to_allocate():
+    k, v, w = block(1, D=4)
+    tm, vb = rd_allocate(k, v, w, ladder=(3,), value_ladder=(2,), budget_bits=9.0, **KW)
+    assert (tm == 3).all() and vb == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [

@@ -86,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(f"--methods: {exc}") from None
     if args.full:
-        settings = EvalSettings(n_samples=2, context_len=512, score_len=64, gen_tokens=16)
+        settings = EvalSettings(n_samples=3, context_len=512, score_len=64, gen_tokens=16)
     else:
         settings = EvalSettings()
     for field in ("n_samples", "context_len", "score_len", "gen_tokens"):
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="compare KV-cache methods on the model (perplexity, KL, bytes, speed)")
     common(e)
     e.add_argument("--quick", action="store_true", help="the default small run (1 sample, 384+128 tokens, 8 methods)")
-    e.add_argument("--full", action="store_true", help="the docs/results.md run (2 samples, 512+64 tokens, 15 methods)")
+    e.add_argument("--full", action="store_true", help="the docs/results.md run (3 samples, 512+64 tokens, 15 methods)")
     e.add_argument("--methods", help="comma-separated method names (see `mixkvq eval --list-methods`)")
     e.add_argument("--list-methods", action="store_true", help="print the method names and exit")
     e.add_argument("--threshold-config", help="config JSON for the threshold-mode row (default: --config in threshold mode)")

@@ -17,7 +17,7 @@ def _f(x: Any, fmt: str) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     """One row per method: quality, agreement with full precision, memory, speed."""
     head = ("| method | ppl | Δppl | KL(full‖m) | top-1 agree | attn err (mean over layers) | true bits/elem | "
-            "nominal bits | cache KiB | decode ms/tok | × full |")
+            "nominal bits | cache KiB | decode ms/tok | × DynamicCache |")
     lines = [head, "|" + "|".join(["---"] * 11) + "|"]
     for r in results["results"]:
         if not r["available"]:
@@ -71,3 +71,25 @@ def plot(results: dict[str, Any], path: "str | Path", *, title: str = "") -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def target_checks(results: dict[str, Any]) -> list[str]:
+    """The project's quality targets, evaluated on these results (honest either way)."""
+    rows = {r["name"]: r for r in results["results"] if r["available"]}
+    out = []
+
+    def d(name: str) -> float | None:
+        r = rows.get(name)
+        return None if r is None else r.get("delta_ppl")
+
+    m, k2 = d("mixkvq"), d("kivi2")
+    if m is not None and k2 is not None:
+        ok = m <= 0.5 * k2
+        out.append(f"- MixKVQ Δppl {m:+.3f} vs KIVI-2 Δppl {k2:+.3f}: ratio {m / k2 if k2 else float('nan'):.2f} "
+                   f"(target ≤ 0.50) — {'met' if ok else 'NOT met'}")
+    for ab in ("key_only", "query_only"):
+        a = d(ab)
+        if m is not None and a is not None:
+            out.append(f"- MixKVQ Δppl {m:+.3f} vs {ab} Δppl {a:+.3f} at {rows[ab]['bits_per_element']:.2f} vs "
+                       f"{rows['mixkvq']['bits_per_element']:.2f} true bits/elem — {'met' if m < a else 'NOT met'}")
+    return out

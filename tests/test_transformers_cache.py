@@ -1,0 +1,145 @@
+"""MixKVQCache inside transformers generate() and forward passes, on the embedded model."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from conftest_hf import get_model
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from mixkvq import MixKVQConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return get_model()
+
+
+def _cache(model, **cfg):
+    from mixkvq.integrations.transformers import MixKVQCache
+
+    return MixKVQCache(MixKVQConfig(**cfg), model_config=model.config)
+
+
+def _gen(model, enc, cache, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(**enc, past_key_values=cache, pad_token_id=0, **kw)
+
+
+def _batch(tok):
+    return tok(["The capital of France is", "Once upon a time, in a land far away, there lived a"],
+               return_tensors="pt", padding=True, padding_side="left")
+
+
+def test_matches_dynamic_cache_when_nothing_is_quantized(hf):
+    from transformers import DynamicCache
+
+    model, tok, _ = hf
+    enc = _batch(tok)
+    ref = _gen(model, enc, DynamicCache(config=model.config), max_new_tokens=12, do_sample=False)
+    cache = _cache(model, residual_length=1024)
+    got = _gen(model, enc, cache, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ref, got)
+    assert cache.kv_caches[0].n_quantized == 0
+    assert cache.get_seq_length() == ref.shape[1] - 1
+
+
+def test_quantization_engages_past_residual(hf):
+    model, tok, _ = hf
+    enc = _batch(tok)
+    cache = _cache(model, residual_length=32)
+    out = _gen(model, enc, cache, max_new_tokens=24, do_sample=False)
+    T = out.shape[1] - 1
+    assert cache.get_seq_length() == T
+    for kv in cache.kv_caches:
+        assert kv.n_quantized == 32 * (T // 32) > 0
+    assert cache.bits_per_element < 16
+    assert 2.0 < cache.nominal_bits < 4.0
+    # quantized tokens never change: a further step leaves earlier blocks' bytes intact
+    before = [bytes(torch.as_tensor(a).numpy().tobytes()) if hasattr(a, "numpy") else a.tobytes()
+              for a in cache.kv_caches[0].key_blocks[0].arrays()]
+    with torch.no_grad():
+        model(input_ids=out[:, -1:], past_key_values=cache, attention_mask=torch.ones(out.shape[0], T + 1, dtype=torch.long))
+    after = [bytes(torch.as_tensor(a).numpy().tobytes()) if hasattr(a, "numpy") else a.tobytes()
+             for a in cache.kv_caches[0].key_blocks[0].arrays()]
+    assert before == after
+
+
+def test_beam_search_and_sampling_run_on_quantized_storage(hf):
+    model, tok, _ = hf
+    enc = _batch(tok)
+    cache = _cache(model, residual_length=32)
+    out = _gen(model, enc, cache, max_new_tokens=28, num_beams=3, do_sample=False)
+    assert out.shape[0] == 2 and cache.kv_caches[0].n_quantized > 0
+    torch.manual_seed(0)
+    cache = _cache(model, residual_length=32)
+    out = _gen(model, enc, cache, max_new_tokens=8, do_sample=True, num_return_sequences=2)
+    assert out.shape[0] == 4 and cache.kv_caches[0]._shape[0] == 4
+
+
+def test_reorder_and_crop_match_a_fresh_cache(hf):
+    """Batch selection and block-aligned crops act on quantized bytes exactly."""
+    from mixkvq.integrations.transformers import MixKVQCache
+
+    model, tok, _ = hf
+    enc = _batch(tok)
+    cfg = MixKVQConfig(residual_length=32, policy="key_only")
+    ext = torch.randint(5, 1000, (2, 70))
+    with torch.no_grad():
+        full = MixKVQCache(cfg, model_config=model.config)
+        model(input_ids=ext, past_key_values=full)
+        single = MixKVQCache(cfg, model_config=model.config)
+        model(input_ids=ext[1:], past_key_values=single)
+    full.reorder_cache(torch.tensor([1]))
+    a, b = full.kv_caches[5], single.kv_caches[5]
+    assert a.n_quantized == b.n_quantized == 64
+    for x, y in zip(a.arrays(), b.arrays()):
+        assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+    # crop inside the residual, then to a block boundary (drops a quantized block)
+    full.crop(-3)
+    assert full.get_seq_length() == 67 and a.n_quantized == 64
+    full.crop(32)
+    assert full.get_seq_length() == 32 and a.n_quantized == 32
+    with pytest.raises(ValueError, match="re-quantize"):
+        full.crop(-5)
+    # after a crop the cache keeps working
+    with torch.no_grad():
+        out = model(input_ids=ext[1:, 32:40], past_key_values=full)
+    assert torch.isfinite(out.logits).all() and full.get_seq_length() == 40
+
+
+def test_query_aware_needs_the_attention_function(hf):
+    from mixkvq.integrations.transformers import MixKVQCache
+
+    model, tok, _ = hf
+    model.set_attn_implementation("sdpa")
+    try:
+        cache = MixKVQCache(MixKVQConfig(residual_length=32), model_config=model.config)
+        ids = tok("Hello world, this is a test", return_tensors="pt").input_ids
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache)
+            with pytest.raises(RuntimeError, match="mixkvq"):
+                model(input_ids=ids[:, -1:], past_key_values=cache)
+    finally:
+        model.set_attn_implementation("mixkvq")
+
+
+def test_config_path_and_unsupported_model(tmp_path, hf):
+    from mixkvq.data import DataError, check_supported
+    from mixkvq.integrations.transformers import MixKVQCache
+
+    model, _, _ = hf
+    MixKVQConfig(residual_length=64).save(tmp_path / "c.json")
+    cache = MixKVQCache(tmp_path / "c.json", model_config=model.config)
+    assert cache.mixkvq_config.residual_length == 64 and len(cache.layers) == model.config.num_hidden_layers
+
+    class Cfg:
+        model_type = "t5"
+
+    with pytest.raises(DataError, match="not supported"):
+        check_supported(Cfg())

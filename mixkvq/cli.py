@@ -41,6 +41,8 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         return load_model(args.model)
     except DataError as exc:
         raise CLIError(str(exc)) from None
+    except ImportError as exc:
+        raise CLIError(f"{exc}; the model commands need the hf extra: pip install 'mixkvq[hf]'") from None
 
 
 def _docs(path: str | None) -> list[str]:
@@ -175,10 +177,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from .backend import available_backends
     from .data import DataError, default_text_path, locate_model
-    from .integrations.transformers import default_backend_name
 
+    try:
+        from .integrations.transformers import default_backend_name
+
+        integration = default_backend_name()
+    except ImportError as exc:
+        integration = f"unavailable ({exc}); pip install 'mixkvq[hf]'"
     info: dict[str, Any] = {"mixkvq": mixkvq.__version__, "format_version": mixkvq.FORMAT_VERSION,
-                            "backends": available_backends(), "integration_backend": default_backend_name()}
+                            "backends": available_backends(), "integration_backend": integration}
     for mod in ("torch", "transformers", "gguf", "optimum.quanto", "hqq"):
         try:
             m = __import__(mod, fromlist=["__version__"])

@@ -49,7 +49,8 @@ def _row(rows: list[dict[str, Any]], **kw: Any) -> None:
 
 
 def run(quick: bool = False, backends: tuple[str, ...] = ("numpy", "torch"), threads: int | None = None,
-        lengths: "tuple[int, ...] | None" = None, shapes: "tuple[tuple[int, int, int], ...]" = SHAPES) -> list[dict[str, Any]]:
+        lengths: "tuple[int, ...] | None" = None, shapes: "tuple[tuple[int, int, int], ...]" = SHAPES,
+        budget: "tuple[float, float] | None" = None) -> list[dict[str, Any]]:
     """Run the benchmarks, print one line per measurement and return the rows."""
     import torch
     import torch.nn.functional as F
@@ -64,8 +65,10 @@ def run(quick: bool = False, backends: tuple[str, ...] = ("numpy", "torch"), thr
     rows: list[dict[str, Any]] = []
     rng = np.random.default_rng(0)
     cfg = MixKVQConfig(group_size=32, residual_length=128)  # paper defaults: 2-bit values/keys, query-aware
+    if budget is not None:
+        cfg = cfg.replace(budget=budget)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; config: G={cfg.group_size}, R={cfg.residual_length}, "
-          f"keys {cfg.key_tier_bits} bits, values {cfg.value_bits} bits, meta {cfg.meta_dtype}", flush=True)
+          f"keys {cfg.key_tier_bits} bits, budget {cfg.budget}, values {cfg.value_bits} bits, meta {cfg.meta_dtype}", flush=True)
     for H, D, Hq in shapes:
         shape = f"{H}x{D}/{Hq}"
         for T in lengths:
@@ -136,8 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="4k and 16k tokens only")
     p.add_argument("--backends", default="numpy,torch", help="comma-separated backend names")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--budget", default=None, help="HIGH,MID channel fractions (default: the config's 1/32,1/8)")
     a = p.parse_args(argv)
-    run(a.quick, tuple(b for b in a.backends.split(",") if b), a.threads)
+    budget = tuple(float(f) for f in a.budget.split(",")) if a.budget else None
+    run(a.quick, tuple(b for b in a.backends.split(",") if b), a.threads, budget=budget)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 from mixkvq.config import HIGH_BITS
 
 from . import ops
+from .attention import attention as _fast_attention
 
 _DTYPES = {
     "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
@@ -31,8 +32,8 @@ class TorchBackend:
     """Bit-exact torch implementation of docs/numerics.md (see :mod:`mixkvq.backends.torch.ops`).
 
     Attributes:
-        attention_chunk_tokens: tokens dequantized at once by :meth:`attention` (whole key
-            blocks; the online softmax never holds more of the history in float32).
+        attention_chunk_tokens: most tokens :meth:`attention` decodes at once (whole key
+            blocks; fewer when B*H*D is large, so a chunk's float codes stay near L2 size).
     """
 
     name = "torch"
@@ -142,117 +143,10 @@ class TorchBackend:
     def attention(self, q: torch.Tensor, view: Any, *, scale: float, causal: bool) -> torch.Tensor:
         """``softmax(q K^T * scale) V`` over a cache view -> float32 ``q.shape``.
 
-        Flash-decoding style: key blocks are dequantized a few at a time (at most
-        :attr:`attention_chunk_tokens` tokens), values per token range (so sliding-window
-        value chunks need not line up with key blocks), with an online softmax in float32.
+        Scores and ``p @ V`` straight from the codes (scale/zero algebra, no dequantized
+        keys or values; :mod:`mixkvq.backends.torch.attention`), all blocks of a chunk (at
+        most :attr:`attention_chunk_tokens` tokens) at once, with an online softmax in float32.
         Grouped-query: query head ``j`` uses KV head ``j // n_rep``; query ``i`` of ``Tq``
         sits at position ``T - Tq + i`` and, when causal, sees positions up to its own.
         """
-        return _attention(self, q, view, scale=scale, causal=causal)
-
-
-# ------------------------------------------------------------------------------------------
-def _decode_key_blocks(blocks: list[Any], config: Any) -> torch.Tensor:
-    """Several key blocks of ``R`` tokens -> float32 ``(B, H, D, k*R)`` (channel-major, for q @ K)."""
-    tier_maps = torch.stack([b.tier_map for b in blocks])  # (k, B, H, D)
-    k, B, H, D = tier_maps.shape
-    R = blocks[0].n_tokens
-    out = torch.empty((B, H, D, k, R), dtype=torch.float32, device=tier_maps.device)
-    out_blocks = out.permute(3, 0, 1, 2, 4)  # (k, B, H, D, R): rows in (block, b, h, d) order
-    widths = sorted({w for b in blocks for w in b.tiers})
-    for bits in widths:
-        tiers = [b.tiers[bits] for b in blocks if bits in b.tiers]
-        packed = torch.cat([t.packed for t in tiers]) if len(tiers) > 1 else tiers[0].packed
-        if packed.shape[0] == 0:
-            continue
-        if bits == HIGH_BITS:
-            values = ops.decode_half(packed, config.high_dtype)
-        else:
-            scale = torch.cat([t.scale for t in tiers]) if len(tiers) > 1 else tiers[0].scale
-            zero = torch.cat([t.zero for t in tiers]) if len(tiers) > 1 else tiers[0].zero
-            values = ops.dequantize(packed, scale, zero, bits, config.group_size, R)
-        out_blocks[tier_maps == bits] = values
-    return out.reshape(B, H, D, k * R)
-
-
-class _ValueReader:
-    """Float32 values for any token range, from per-token chunks and the residual."""
-
-    def __init__(self, view: Any) -> None:
-        self.view = view
-        self.starts: list[int] = []
-        pos = 0
-        for rows in view.value_rows:
-            self.starts.append(pos)
-            pos += rows.n_tokens
-        self.residual_start = pos
-
-    def range(self, a: int, b: int) -> torch.Tensor:
-        cfg, pieces = self.view.config, []
-        for start, rows in zip(self.starts, self.view.value_rows):
-            end = start + rows.n_tokens
-            lo, hi = max(a, start), min(b, end)
-            if lo < hi:
-                sl = slice(lo - start, hi - start)
-                bits = getattr(rows, "bits", cfg.value_bits)
-                pieces.append(ops.dequantize(rows.packed[:, :, sl], rows.scale[:, :, sl], rows.zero[:, :, sl],
-                                             bits, cfg.group_size, self.view.head_dim))
-        res = self.view.residual_values
-        if res is not None and b > self.residual_start:
-            pieces.append(ops.to_float32(res[:, :, max(a, self.residual_start) - self.residual_start: b - self.residual_start]))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
-
-
-def _attention(backend: TorchBackend, q: torch.Tensor, view: Any, *, scale: float, causal: bool) -> torch.Tensor:
-    cfg = view.config
-    q32 = ops.to_float32(q)
-    B, Hq, Tq, D = q32.shape
-    blocks = view.key_blocks
-    res_k = view.residual_keys
-    n_res = int(res_k.shape[2]) if res_k is not None else 0
-    H = int(blocks[0].tier_map.shape[1]) if blocks else int(res_k.shape[1])
-    n_rep = Hq // H
-    T = sum(b.n_tokens for b in blocks) + n_res
-    M = n_rep * Tq
-    qg = q32.reshape(B, H, M, D)  # row r*Tq + i: query head h*n_rep + r, query i
-    device = q32.device
-    row_pos = (T - Tq) + torch.arange(M, device=device) % Tq
-    masked = causal and Tq > 1
-    m = torch.full((B, H, M, 1), -math.inf, dtype=torch.float32, device=device)
-    l = torch.zeros((B, H, M, 1), dtype=torch.float32, device=device)
-    acc = torch.zeros((B, H, M, D), dtype=torch.float32, device=device)
-    values = _ValueReader(view)
-
-    def step(start: int, keys_t: torch.Tensor) -> None:  # keys_t: float32 (B, H, D, n)
-        nonlocal m, l, acc
-        n = int(keys_t.shape[-1])
-        s = torch.matmul(qg, keys_t).mul_(scale)  # (B, H, M, n)
-        if masked:
-            tok = torch.arange(start, start + n, device=device)
-            s.masked_fill_(tok[None, :] > row_pos[:, None], -math.inf)
-        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-        corr = torch.exp(m - m_new)
-        p = torch.exp(s.sub_(m_new))
-        l = l * corr + p.sum(dim=-1, keepdim=True)
-        acc = acc * corr + torch.matmul(p, values.range(start, start + n))
-        m = m_new
-
-    R = cfg.residual_length
-    per_chunk = max(1, backend.attention_chunk_tokens // max(1, R))
-    pos = 0
-    for j in range(0, len(blocks), per_chunk):
-        group = blocks[j: j + per_chunk]
-        if len({b.n_tokens for b in group}) != 1:  # (blocks always hold R tokens; be safe)
-            for b in group:
-                step(pos, _decode_key_blocks([b], cfg))
-                pos += b.n_tokens
-            continue
-        step(pos, _decode_key_blocks(group, cfg))
-        pos += sum(b.n_tokens for b in group)
-    chunk = max(1, backend.attention_chunk_tokens)
-    for a in range(0, n_res, chunk):
-        keys_t = ops.to_float32(res_k[:, :, a: a + chunk]).transpose(-1, -2)
-        step(pos, keys_t)
-        pos += int(keys_t.shape[-1])
-    out = acc / l
-    return out.reshape(B, Hq, Tq, D)
+        return _fast_attention(self.attention_chunk_tokens, q, view, scale=scale, causal=causal)

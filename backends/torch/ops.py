@@ -20,7 +20,7 @@ META_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": t
 FIXED_ONE = 65536.0
 FIXED_MAX = float(2**40)
 #: elements per tile of the quantize pipeline (float32 intermediates stay in L2)
-TILE_ELEMENTS = 1 << 16
+TILE_ELEMENTS = 1 << 18
 _FLOAT_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
 
 
@@ -126,37 +126,78 @@ def group_min_max(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return to_float32(mn) + 0.0, to_float32(mx) + 0.0
 
 
+_WORD = {2: torch.int32, 4: torch.int16, 1: torch.int64}
+
+
+def _pack_tile(codes: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """Float codes ``(rows, >= n)`` (exact integers < 2^bits) -> packed uint8 ``(rows, ceil(n*bits/8))``.
+
+    Widths 1, 2, 4: the ``8/bits`` codes of a byte, converted to uint8, are the bytes of one
+    little-endian word; OR-ing the word with itself shifted by ``8 - bits``, ``2 (8 - bits)``,
+    ... gathers them into its low byte (contiguous integer ops, no strided passes). Other
+    widths go through :func:`pack`."""
+    c = codes[:, :n].to(torch.uint8)
+    if bits not in (1, 2, 4):
+        return c.contiguous() if bits == 8 else pack(c, bits)
+    per = 8 // bits
+    nbytes = -(-n // per)
+    if nbytes * per != n:
+        c = torch.nn.functional.pad(c, (0, nbytes * per - n))
+    rows = c.shape[0]
+    w = c.contiguous().reshape(-1).view(_WORD[bits]).reshape(rows, nbytes)  # word k: codes per*k .. per*k+per-1
+    acc = w.clone()
+    for i in range(1, per):
+        acc |= w >> ((8 - bits) * i)
+    return acc.to(torch.uint8)  # the low byte (integer casts wrap)
+
+
 def quantize(x: torch.Tensor, bits: int, group_size: int, meta_dtype: str, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """§3 along the last axis: ``x (..., n)`` -> (packed uint8 ``(..., ceil(n*bits/8))``,
-    scale ``(..., ceil(n/G))``, zero ``(..., ceil(n/G))``) in ``meta_dtype``."""
+    scale ``(..., ceil(n/G))``, zero ``(..., ceil(n/G))``) in ``meta_dtype``.
+
+    One pass per row tile (float32 intermediates stay in cache): upcast (exact), group
+    min/max on float32 (no float16 reduction slow path), scale/zero and their overflow
+    check, codes, packing. Tiles run in row order, so the first overflowing group found is
+    the first in row-major order (the simulator's message)."""
     lead, n = x.shape[:-1], x.shape[-1]
-    if x.dtype == torch.float64:
-        x = x.to(torch.float32)
     rows = x.reshape(-1, n)
-    groups = _group_view(rows, group_size)  # input dtype: min/max are exact in it
-    mn, mx = group_min_max(groups)
-    levels = full_like_scalar(mn, float(2**bits - 1))
-    scale = round_meta((mx - mn) / levels, meta_dtype)
-    zero = round_meta(mn, meta_dtype)
-    ng = scale.shape[-1]
-    _check_overflow((torch.isinf(scale) | torch.isinf(zero)).reshape(*lead, ng), name, meta_dtype)
-    s = to_float32(scale)
-    # s == 0: every code is 0 (§3 step 5). Dividing by +Inf instead gives +-0, which rounds
-    # and clamps to code 0 — no per-element select needed.
-    s_div = torch.where(s == 0, torch.full_like(s, float("inf")), s).unsqueeze(-1)
-    z = to_float32(zero).unsqueeze(-1)
-    n_rows, _, G = groups.shape
-    codes = torch.empty((n_rows, ng * G), dtype=torch.uint8, device=x.device)
-    tile = max(1, TILE_ELEMENTS // max(1, ng * G))
+    n_rows = rows.shape[0]
+    ng = -(-n // group_size)
+    G = group_size
+    mdt = META_TORCH[meta_dtype]
+    nbytes = (n * bits + 7) // 8
+    packed = torch.empty((n_rows, nbytes), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((n_rows, ng), dtype=mdt, device=x.device)
+    zero = torch.empty((n_rows, ng), dtype=mdt, device=x.device)
+    levels = torch.tensor(float(2**bits - 1), dtype=torch.float32, device=x.device)
     lmax = float(2**bits - 1)
-    for r0 in range(0, n_rows, tile):  # row tiles: the float32 passes stay in cache
+    tile = max(1, TILE_ELEMENTS // max(1, ng * G))
+    for r0 in range(0, n_rows, tile):
         r1 = min(n_rows, r0 + tile)
-        d = torch.sub(groups[r0:r1], z[r0:r1])  # float32 (input upcast exactly, then one rounding)
-        d.div_(s_div[r0:r1])
-        d.round_().clamp_(0.0, lmax)
-        codes[r0:r1] = d.reshape(r1 - r0, ng * G)
-    packed = pack(codes[:, :n], bits)
-    return packed.reshape(*lead, (n * bits + 7) // 8), scale.reshape(*lead, ng), zero.reshape(*lead, ng)
+        src = rows[r0:r1]
+        x32 = src.to(torch.float32)  # §1: exact upcast (float64 rounds to nearest)
+        owned = src.dtype != torch.float32  # a fresh tensor: safe to overwrite
+        groups = _group_view(x32, G)  # (r, ng, G)
+        mn = groups.amin(dim=-1).add_(0.0)  # exact; -0 -> +0 (§3 step 2). (amin/amax are
+        mx = groups.amax(dim=-1).add_(0.0)  # vectorised where aminmax over a short axis is not)
+        sc = round_meta((mx - mn) / levels, meta_dtype)
+        ze = round_meta(mn, meta_dtype)
+        bad = torch.isinf(sc) | torch.isinf(ze)
+        if bool(bad.any()):
+            full = torch.zeros((n_rows, ng), dtype=torch.bool, device=x.device)
+            full[r0:r1] = bad
+            _check_overflow(full.reshape(*lead, ng), name, meta_dtype)
+        scale[r0:r1] = sc
+        zero[r0:r1] = ze
+        s = sc.to(torch.float32)
+        # s == 0: every code is 0 (§3 step 5). Dividing by +Inf instead gives +-0, which
+        # rounds and clamps to code 0 — no per-element select needed.
+        s_div = s.masked_fill(s == 0, float("inf")).unsqueeze(-1)
+        z = ze.to(torch.float32).unsqueeze(-1)
+        d = groups.sub_(z) if owned else torch.sub(groups, z)  # one rounding
+        d.div_(s_div).round_().clamp_(0.0, lmax)
+        packed[r0:r1] = _pack_tile(d.reshape(r1 - r0, ng * G), n, bits)
+    return packed.reshape(*lead, nbytes), scale.reshape(*lead, ng), zero.reshape(*lead, ng)
 
 
 def cast_output(y32: torch.Tensor, out_dtype: str) -> torch.Tensor:

@@ -61,11 +61,15 @@ def plot(results: dict[str, Any], path: "str | Path", *, title: str = "") -> Non
             color = ("tab:red" if name.startswith("mixkvq") else "tab:blue" if name.startswith("kivi")
                      else "tab:green" if name in ("key_only", "query_only") else "tab:gray")
             marker = "*" if name.startswith("mixkvq") else "o"
-            ax.scatter(r["bits_per_element"], max(r[key], 1e-6), c=color, marker=marker, s=90 if marker == "*" else 40)
-            ax.annotate(name, (r["bits_per_element"], max(r[key], 1e-6)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(r["bits_per_element"], r[key], c=color, marker=marker, s=90 if marker == "*" else 40)
+            ax.annotate(name, (r["bits_per_element"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("true bits per K/V element (every stored byte, incl. residual and metadata)")
         ax.set_ylabel(label)
-        ax.set_yscale("log")
+        if key == "delta_ppl":
+            ax.set_yscale("symlog", linthresh=0.1)  # Δppl can be slightly negative
+            ax.axhline(0.0, color="k", lw=0.5)
+        else:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.suptitle(title or "KV-cache quantization on the embedded model: quality vs true bits")
     fig.tight_layout()

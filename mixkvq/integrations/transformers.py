@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,10 @@ class MixKVQLayer(CacheLayerMixin):
                 "need queries ('key_only', 'uniform')"
             )
         past_k, past_v = self.past()
-        self.kv.append(key_states.detach(), value_states.detach())
+        with warnings.catch_warnings():
+            # the queries of these tokens arrive moments later, in the attention function
+            warnings.filterwarnings("ignore", message=r".*tokens wait in the residual", category=UserWarning)
+            self.kv.append(key_states.detach(), value_states.detach())
         if past_k is None:
             return key_states, value_states
         return torch.cat([past_k, key_states], dim=-2), torch.cat([past_v, value_states], dim=-2)

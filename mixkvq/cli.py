@@ -76,13 +76,14 @@ def _positive(name: str):
 # -- eval --------------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.harness import EvalSettings, evaluate
-    from .eval.methods import FULL_METHODS, QUICK_METHODS, builtin_methods, resolve_methods
+    from .eval.methods import FRONTIER_METHODS, FULL_METHODS, QUICK_METHODS, builtin_methods, resolve_methods
     from .eval.report import continuations_table, markdown_table, plot, save_json
 
     base = _load_config(args.config)
     thr = _load_config(args.threshold_config) if args.threshold_config else None
     catalog = builtin_methods(base, thr)
-    names = args.methods.split(",") if args.methods else list(FULL_METHODS if args.full else QUICK_METHODS)
+    preset = FRONTIER_METHODS if args.frontier else FULL_METHODS if args.full else QUICK_METHODS
+    names = args.methods.split(",") if args.methods else list(preset)
     try:
         methods = resolve_methods([n.strip() for n in names if n.strip()], catalog)
     except ValueError as exc:
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.add_argument("--quick", action="store_true", help="the default small run (1 sample, 384+128 tokens, 8 methods)")
     e.add_argument("--full", action="store_true", help="the docs/results.md run (3 samples, 512+64 tokens, 15 methods)")
+    e.add_argument("--frontier", action="store_true", help="the quality-per-bit frontier methods: KIVI at every K/V split, MixKVQ tiers, rd budgets 3.1-4.5")
     e.add_argument("--methods", help="comma-separated method names (see `mixkvq eval --list-methods`)")
     e.add_argument("--list-methods", action="store_true", help="print the method names and exit")
     e.add_argument("--threshold-config", help="config JSON for the threshold-mode row (default: --config in threshold mode)")

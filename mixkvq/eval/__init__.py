@@ -3,6 +3,6 @@
 See :mod:`mixkvq.eval.harness` for the protocol; ``mixkvq eval`` is the command line.
 """
 
-from .methods import FULL_METHODS, QUICK_METHODS, Method, MethodUnavailable, builtin_methods, kivi, resolve_methods
+from .methods import FRONTIER_METHODS, FULL_METHODS, QUICK_METHODS, Method, MethodUnavailable, builtin_methods, kivi, resolve_methods
 
-__all__ = ["Method", "MethodUnavailable", "builtin_methods", "kivi", "resolve_methods", "QUICK_METHODS", "FULL_METHODS"]
+__all__ = ["Method", "MethodUnavailable", "builtin_methods", "kivi", "resolve_methods", "QUICK_METHODS", "FULL_METHODS", "FRONTIER_METHODS"]

@@ -76,6 +76,7 @@ class MethodResult:
     nbytes: float = float("nan")
     bits_per_element: float = float("nan")
     nominal_bits: float = float("nan")
+    block_bits: float = float("nan")
     decode_ms: float = float("nan")
     decode_ratio: float = float("nan")
     attn_err_layers: list[float] = field(default_factory=list)
@@ -286,6 +287,7 @@ def evaluate(model: Any, tokenizer: Any, docs: list[str], methods: list[Method],
         res.kl = kl_sum / n_tok if method.kind != "full" else 0.0
         res.top1 = agree / n_tok if method.kind != "full" else 1.0
         res.nbytes, res.bits_per_element, res.nominal_bits = stats["nbytes"], stats["bits_per_element"], stats["nominal_bits"]
+        res.block_bits = stats.get("block_bits", float("nan"))
         res.decode_ms = 1000.0 * float(np.mean(times)) if times else float("nan")
         if method.kind == "full":
             full_ms = res.decode_ms

@@ -74,12 +74,35 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
             if R % g == 0:
                 m = kivi(bits, g, R)
                 out[m.name] = m
+    for kb in (2, 3, 4):  # KIVI at every K/V split
+        for vb in (2, 3, 4):
+            if kb != vb:
+                cfg = MixKVQConfig(policy="uniform", low_bits=kb, mid_bits=max(kb, 4), value_bits=vb,
+                                   group_size=G, residual_length=R)
+                out[f"kivi_k{kb}v{vb}"] = Method(f"kivi_k{kb}v{vb}", "mixkvq", cfg, description=f"KIVI K{kb}/V{vb}")
+    out["mixkvq_v3"] = Method("mixkvq_v3", "mixkvq", budget_cfg.replace(value_bits=3),
+                              description="MixKVQ default tiers, 3-bit values")
+    out["mixkvq_nohigh"] = Method("mixkvq_nohigh", "mixkvq", budget_cfg.replace(budget=(0.0, 0.125)),
+                                  description="MixKVQ tiers 0 bf16 / 1/8 int4 / rest int2")
+    rd_base = budget_cfg.replace(tier_mode="rd", value_window="block")
+    for bits in RD_BUDGETS:
+        name = f"rd{bits:g}"
+        out[name] = Method(name, "mixkvq", rd_base.replace(rd_bits=bits),
+                           description=f"rate-distortion allocation, {bits:g} true bits/element of quantized blocks")
     return out
+
+
+#: budgets (true bits per element of quantized blocks) of the rd rows
+RD_BUDGETS = (3.1, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5)
 
 
 QUICK_METHODS = ("full", "kivi2", "kivi4", "quanto2", "mixkvq", "mixkvq_thr", "key_only", "query_only")
 FULL_METHODS = QUICK_METHODS + ("kivi3", "kivi2_g64", "kivi2_g128", "kivi3_g64", "kivi3_g128",
                                 "kivi4_g64", "kivi4_g128")
+#: the quality-per-bit frontier: KIVI at every K/V split, MixKVQ tiers, the rd allocator's budgets
+FRONTIER_METHODS = ("full", "kivi2", "kivi_k2v3", "kivi_k2v4", "kivi_k3v2", "kivi3", "kivi_k3v4", "kivi_k4v2",
+                    "kivi_k4v3", "kivi4", "mixkvq", "mixkvq_nohigh", "mixkvq_v3", "key_only", "query_only",
+                    *(f"rd{b:g}" for b in RD_BUDGETS))
 
 
 def resolve_methods(names: "list[str] | tuple[str, ...]", catalog: dict[str, Method]) -> list[Method]:
@@ -140,7 +163,8 @@ def cache_stats(cache: Any) -> dict[str, float]:
     from ..integrations.transformers import MixKVQCache
 
     if isinstance(cache, MixKVQCache):
-        return {"nbytes": cache.nbytes, "bits_per_element": cache.bits_per_element, "nominal_bits": cache.nominal_bits}
+        return {"nbytes": cache.nbytes, "bits_per_element": cache.bits_per_element, "nominal_bits": cache.nominal_bits,
+                "block_bits": _mixkvq_block_bits(cache)}
     nbytes = elements = 0
     nominal = None
     for layer in cache.layers:
@@ -157,5 +181,31 @@ def cache_stats(cache: Any) -> dict[str, float]:
             nominal = float(getattr(layer, "nbits", 0)) or None
     if nominal is None and elements:
         nominal = float(8 * next(l.keys.element_size() for l in cache.layers if getattr(l, "keys", None) is not None and l.keys.dim() == 4))
+    q_bytes = q_elements = 0
+    for layer in cache.layers:
+        qk = getattr(layer, "_quantized_keys", None)
+        if qk is not None and getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+            B, H, r, D = (int(x) for x in layer.keys.shape)
+            q_bytes += _tensor_bytes(qk) + _tensor_bytes(layer._quantized_values)
+            q_elements += 2 * B * H * max(layer.get_seq_length() - r, 0) * D
     return {"nbytes": nbytes, "bits_per_element": 8.0 * nbytes / elements if elements else 0.0,
-            "nominal_bits": nominal or 0.0}
+            "nominal_bits": nominal or 0.0, "block_bits": 8.0 * q_bytes / q_elements if q_elements else float("nan")}
+
+
+_QUANTIZED_PARTS = ("key_codes", "key_high", "key_meta", "tier_maps", "value_codes", "value_meta")
+
+
+def _mixkvq_block_bits(cache: Any) -> float:
+    """True bits per element of the quantized storage alone (codes, metadata, tier maps,
+    16-bit channels) — what a long context converges to, without the residual."""
+    bits = elements = 0
+    for layer in cache.layers:
+        kv = layer.kv
+        if kv.seq_len == 0:
+            continue
+        parts = kv.nbytes_breakdown()
+        bits += 8 * sum(parts[p] for p in _QUANTIZED_PARTS)
+        B, H, D = (int(x) for x in kv._shape)
+        n_values = sum(r.n_tokens for r in kv.value_rows)
+        elements += B * H * D * (kv.n_quantized + n_values)
+    return bits / elements if elements else float("nan")

@@ -17,15 +17,16 @@ def _f(x: Any, fmt: str) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     """One row per method: quality, agreement with full precision, memory, speed."""
     head = ("| method | ppl | Δppl | KL(full‖m) | top-1 agree | attn err (mean over layers) | true bits/elem | "
-            "nominal bits | cache KiB | decode ms/tok | × DynamicCache |")
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+            "block bits | nominal bits | cache KiB | decode ms/tok | × DynamicCache |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for r in results["results"]:
         if not r["available"]:
-            lines.append(f"| {r['name']} | unavailable: {r['reason']} |" + " |" * 9)
+            lines.append(f"| {r['name']} | unavailable: {r['reason']} |" + " |" * 10)
             continue
         lines.append(
             f"| {r['name']} | {_f(r['ppl'], '.3f')} | {_f(r.get('delta_ppl'), '+.3f')} | {_f(r['kl'], '.4f')} | "
             f"{_f(r['top1'], '.3f')} | {_f(r['attn_err'], '.4f')} | {_f(r['bits_per_element'], '.2f')} | "
+            f"{_f(r.get('block_bits'), '.2f')} | "
             f"{_f(r['nominal_bits'], '.2f')} | {_f(r['nbytes'] / 1024 if r['nbytes'] is not None else None, '.0f')} | "
             f"{_f(r['decode_ms'], '.1f')} | {_f(r['decode_ratio'], '.2f')} |"
         )
@@ -45,33 +46,44 @@ def save_json(results: dict[str, Any], path: "str | Path") -> None:
     Path(path).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
 
 
+def _color(name: str) -> tuple[str, str]:
+    if name.startswith("rd"):
+        return "tab:purple", "D"
+    if name.startswith("mixkvq"):
+        return "tab:red", "*"
+    if name.startswith("kivi"):
+        return "tab:blue", "o"
+    if name in ("key_only", "query_only"):
+        return "tab:green", "^"
+    return "tab:gray", "s"
+
+
 def plot(results: dict[str, Any], path: "str | Path", *, title: str = "") -> None:
-    """Quality (Δ perplexity vs full precision, and KL) against TRUE bits per element."""
+    """Δ perplexity against TRUE bits per element (every stored byte, residual included) and
+    against the bits of the quantized storage alone (what long contexts converge to)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["results"] if r["available"] and r["kind"] != "full" and r.get("delta_ppl") is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, label in ((axes[0], "delta_ppl", "Δ perplexity vs full precision"),
-                           (axes[1], "kl", "KL(full ‖ method) per token")):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, xkey, xlabel in ((axes[0], "bits_per_element", "true bits per K/V element (every stored byte, incl. residual)"),
+                             (axes[1], "block_bits", "true bits per element of the quantized storage (codes, metadata, tier maps)")):
         for r in rows:
-            name = r["name"]
-            color = ("tab:red" if name.startswith("mixkvq") else "tab:blue" if name.startswith("kivi")
-                     else "tab:green" if name in ("key_only", "query_only") else "tab:gray")
-            marker = "*" if name.startswith("mixkvq") else "o"
-            ax.scatter(r["bits_per_element"], r[key], c=color, marker=marker, s=90 if marker == "*" else 40)
-            ax.annotate(name, (r["bits_per_element"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("true bits per K/V element (every stored byte, incl. residual and metadata)")
-        ax.set_ylabel(label)
-        if key == "delta_ppl":
-            ax.set_yscale("symlog", linthresh=0.1)  # Δppl can be slightly negative
-            ax.axhline(0.0, color="k", lw=0.5)
-        else:
-            ax.set_yscale("log")
+            x = r.get(xkey)
+            if x is None:
+                continue
+            color, marker = _color(r["name"])
+            ax.scatter(x, r["delta_ppl"], c=color, marker=marker, s=80 if marker in "*D" else 40)
+            ax.annotate(r["name"], (x, r["delta_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel("Δ perplexity vs full precision")
+        ax.set_yscale("symlog", linthresh=0.1)  # Δppl can be slightly negative
+        ax.axhline(0.0, color="k", lw=0.5)
         ax.grid(alpha=0.3)
-    fig.suptitle(title or "KV-cache quantization on the embedded model: quality vs true bits")
+    fig.suptitle(title or "KV-cache quantization on the embedded model: quality vs true bits "
+                 "(blue KIVI, red MixKVQ tiers, green ablations, purple rd allocator)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

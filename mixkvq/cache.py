@@ -153,6 +153,25 @@ class KVCache:
         """(int64 fixed-point sum of |q| ``(B, H, D)``, number of query tokens in it)."""
         return self._state.qsum, self._state.q_count
 
+    @property
+    def query_position(self) -> int:
+        """Tokens of the stream whose queries have been observed (lags ``seq_len`` at most)."""
+        return self._state.q_position
+
+    def select_batch(self, indices: Any) -> None:
+        """Keep batch rows ``indices`` (any order, repeats allowed), in place, on the quantized
+        storage (beam-search reorder, ``num_return_sequences`` repeat). Never re-quantizes."""
+        from .cache_ops import select_batch
+
+        select_batch(self, indices)
+
+    def crop(self, n_tokens: int) -> None:
+        """Keep the first ``n_tokens`` tokens (negative: drop ``-n_tokens``), in place. Cuts
+        inside a quantized block are refused (they would need re-quantization)."""
+        from .cache_ops import crop
+
+        crop(self, n_tokens)
+
     def view(self) -> CacheView:
         s = self._state
         return CacheView(self.config, self.backend, list(s.key_blocks), list(s.value_rows),

@@ -329,3 +329,40 @@ def test_backend_chosen_by_environment(monkeypatch):
     cache = KVCache(small_config(policy="key_only"))
     cache.append(*stream(T=40)[:2])
     assert cache.backend.name == "numpy"
+
+
+# -- structural edits on the quantized storage --------------------------------------------------
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_select_batch_equals_a_cache_fed_those_rows(backend):
+    if backend == "torch":
+        pytest.importorskip("torch")
+    k, v, q = stream(B=3, T=75)
+    cfg = small_config(tier_mode="threshold", thresholds=(0.9, 0.3), backend=backend)
+    cache = KVCache(cfg)
+    cache.append(k, v, queries=q)
+    cache.select_batch([2, 0, 2])
+    ref = KVCache(cfg)
+    idx = [2, 0, 2]
+    ref.append(k[idx], v[idx], queries=q[idx])
+    as_np = lambda c: [np.asarray(c.backend.to_numpy(a)).tobytes() for a in c.arrays()]  # noqa: E731
+    assert as_np(cache) == as_np(ref)
+    with pytest.raises(ValueError, match=r"batch indices must lie in \[0, 3\)"):
+        cache.select_batch([3])
+
+
+def test_crop_to_a_block_boundary_equals_the_prefix_and_refuses_cuts_inside_blocks():
+    k, v, q = stream(T=100)
+    cache = KVCache(small_config(policy="key_only"))
+    cache.append(k, v, queries=q)
+    before = stored_bytes(cache)
+    with pytest.raises(ValueError, match="would cut quantized block 1"):
+        cache.crop(40)
+    assert stored_bytes(cache) == before
+    cache.crop(-4)  # inside the residual
+    assert cache.seq_len == 96 and cache.n_quantized == 96
+    cache.crop(64)
+    ref = KVCache(small_config(policy="key_only"))
+    ref.append(k[:, :, :64], v[:, :, :64], queries=q[:, :, :64])
+    assert [a.tobytes() for blk in cache.key_blocks for a in blk.arrays()] == \
+        [a.tobytes() for blk in ref.key_blocks for a in blk.arrays()]
+    assert cache.seq_len == 64 and cache.query_position == 64

@@ -41,7 +41,6 @@ from ..backend import get_backend
 from ..cache import KVCache
 from ..config import MixKVQConfig
 from ..layout import decode_key_block, decode_values
-from . import cache_ops
 
 ATTN_IMPLEMENTATION = "mixkvq"
 TESTED_TRANSFORMERS = "5.24"
@@ -80,7 +79,7 @@ class MixKVQLayer(CacheLayerMixin):
     """One attention layer's MixKVQ cache, in the transformers layer API."""
 
     is_compileable = False
-    is_croppable = False  # crops inside a quantized block are refused (see cache_ops.crop)
+    is_croppable = False  # crops inside a quantized block are refused (see KVCache.crop)
     is_sliding = False
 
     def __init__(self, config: MixKVQConfig | None = None) -> None:
@@ -104,10 +103,10 @@ class MixKVQLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         policy = self.config.salience_policy
-        if policy.uses_queries and self.kv.seq_len > cache_ops.query_position(self.kv):
+        if policy.uses_queries and self.kv.seq_len > self.kv.query_position:
             raise RuntimeError(
                 f"MixKVQCache: the policy {policy.name!r} needs the query states, but the last "
-                f"{self.kv.seq_len - cache_ops.query_position(self.kv)} tokens of this layer never reached the cache. "
+                f"{self.kv.seq_len - self.kv.query_position} tokens of this layer never reached the cache. "
                 "Use the 'mixkvq' attention implementation: call mixkvq.integrations.transformers.enable(model) "
                 "(or model.set_attn_implementation('mixkvq') after register()), or use a policy that does not "
                 "need queries ('key_only', 'uniform')"
@@ -154,7 +153,7 @@ class MixKVQLayer(CacheLayerMixin):
         idx = torch.as_tensor(indices).reshape(-1).to("cpu", torch.long)
         if self.kv.seq_len == 0:
             return
-        cache_ops.select_batch(self.kv, idx)
+        self.kv.select_batch(idx)
         if self._memo_k is not None:
             dev = self._memo_k.device
             self._memo_k = self._memo_k.index_select(0, idx.to(dev))
@@ -171,7 +170,7 @@ class MixKVQLayer(CacheLayerMixin):
         value is the length to keep). Refuses a cut inside a quantized block."""
         if tokens_to_remove == 0 or self.kv.seq_len == 0:
             return
-        cache_ops.crop(self.kv, tokens_to_remove)
+        self.kv.crop(tokens_to_remove)
         self._drop_memo()
 
     # -- reading ------------------------------------------------------------------------------

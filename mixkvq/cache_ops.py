@@ -1,9 +1,9 @@
 """Batch selection and cropping of a :class:`~mixkvq.KVCache`, on its quantized storage.
 
 These are the structural edits a generation loop needs (beam search reorders the batch,
-``num_return_sequences`` repeats it, assisted decoding crops rejected tokens). They live in
-their own module, beside the core cache, and only move stored bytes around: **no token is
-ever re-quantized**.
+``num_return_sequences`` repeats it, assisted decoding crops rejected tokens); they are
+public as :meth:`KVCache.select_batch` and :meth:`KVCache.crop`. They only move stored bytes
+around: **no token is ever re-quantized**, and a failed call leaves the cache unchanged.
 
 * :func:`select_batch` picks batch rows (any order, repeats allowed). Every stored array is
   indexed along its batch axis; the tier rows of a key block, which are ordered
@@ -17,47 +17,37 @@ ever re-quantized**.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..cache import KVCache
-from ..layout import KeyBlock, TierRows, ValueRows
+from .backend import Backend
+from .layout import KeyBlock, TierRows, ValueRows
+
+if TYPE_CHECKING:
+    from .cache import KVCache
 
 
-def _index(backend: Any, like: Any, idx: np.ndarray) -> Any:
-    """``idx`` as an index array usable on ``like`` (NumPy array or torch tensor)."""
-    if type(like).__module__.split(".")[0] == "torch":
-        import torch
-
-        return torch.as_tensor(idx, dtype=torch.long, device=like.device)
-    return idx
-
-
-def _take(a: Any, idx: np.ndarray) -> Any:
+def _take(backend: Backend, a: Any, idx: np.ndarray) -> Any:
+    """Rows ``idx`` of ``a`` along its first axis (the index array on ``a``'s device)."""
     if a is None:
         return None
-    return a[_index(None, a, idx)]
+    return a[backend.from_any(idx, like=a)]
 
 
-def _select_block(block: KeyBlock, idx: np.ndarray, backend: Any) -> KeyBlock:
+def _select_block(block: KeyBlock, idx: np.ndarray, backend: Backend) -> KeyBlock:
     tm = np.asarray(backend.to_numpy(block.tier_map))
-    new = KeyBlock(tier_map=_take(block.tier_map, idx), n_tokens=block.n_tokens)
+    new = KeyBlock(tier_map=_take(backend, block.tier_map, idx), n_tokens=block.n_tokens)
     for bits, rows in block.tiers.items():
         per_batch = (tm == bits).reshape(tm.shape[0], -1).sum(axis=1)
         starts = np.concatenate([[0], np.cumsum(per_batch)[:-1]])
         row_idx = np.concatenate([np.arange(starts[b], starts[b] + per_batch[b]) for b in idx]).astype(np.int64) \
             if len(idx) else np.zeros(0, np.int64)
-        new.tiers[bits] = TierRows(bits, _take(rows.packed, row_idx), _take(rows.scale, row_idx), _take(rows.zero, row_idx))
+        new.tiers[bits] = TierRows(bits, *(_take(backend, a, row_idx) for a in (rows.packed, rows.scale, rows.zero)))
     return new
 
 
-def query_position(cache: KVCache) -> int:
-    """Tokens of the stream whose queries the cache has observed."""
-    return int(cache._state.q_position)
-
-
-def select_batch(cache: KVCache, indices: "Sequence[int] | Any") -> None:
+def select_batch(cache: "KVCache", indices: "Sequence[int] | Any") -> None:
     """Keep batch rows ``indices`` (in that order; repeats allowed), in place.
 
     Raises ValueError for an index outside ``[0, batch)`` or an empty selection; the cache
@@ -74,17 +64,17 @@ def select_batch(cache: KVCache, indices: "Sequence[int] | Any") -> None:
     backend = cache.backend
     s = cache._state.copy()
     s.key_blocks = [_select_block(b, idx, backend) for b in s.key_blocks]
-    s.value_rows = [ValueRows(_take(r.packed, idx), _take(r.scale, idx), _take(r.zero, idx), r.bits) for r in s.value_rows]
-    s.residual_keys = _take(s.residual_keys, idx)
-    s.residual_values = _take(s.residual_values, idx)
-    s.qsum = _take(s.qsum, idx)
-    s.snapshots = {m: (_take(q, idx), c) for m, (q, c) in s.snapshots.items()}
+    s.value_rows = [ValueRows(*(_take(backend, a, idx) for a in (r.packed, r.scale, r.zero)), r.bits) for r in s.value_rows]
+    s.residual_keys = _take(backend, s.residual_keys, idx)
+    s.residual_values = _take(backend, s.residual_values, idx)
+    s.qsum = _take(backend, s.qsum, idx)
+    s.snapshots = {m: (_take(backend, q, idx), c) for m, (q, c) in s.snapshots.items()}
     cache._state = s
     cache._shape = (int(idx.size), H, D)
     # cache._template is a zero-batch slice (kind/device/dtype only): nothing to select
 
 
-def crop(cache: KVCache, n_tokens: int) -> None:
+def crop(cache: "KVCache", n_tokens: int) -> None:
     """Keep the first ``n_tokens`` tokens, in place (``n_tokens < 0`` removes ``-n_tokens``).
 
     Tokens leave the full-precision residual first, then whole quantized blocks. A cut that

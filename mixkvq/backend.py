@@ -99,6 +99,7 @@ _BUILTIN = {
     "numpy": "mixkvq.sim.backend:NumpyBackend",
     "torch": "mixkvq.backends.torch:TorchBackend",
     "cupy": "mixkvq.backends.cupy:CupyBackend",
+    "cupy-cpu": "mixkvq.backends.cupy:CupyCpuBackend",  # the CUDA sources run on the CPU (CI)
 }
 _INSTANCES: dict[str, Backend] = {}
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .backend import Backend, convert_like, get_backend
-from .dtypes import META_DTYPES, OUT_DTYPES, canonical_dtype
+from .backend import Backend, array_kind, convert_like, get_backend
+from .dtypes import META_DTYPES, OUT_DTYPES, canonical_dtype, dtype_name
 from .layout import n_groups, nbytes_of, row_bytes
-from .validation import check_bits, check_codes, check_finite, check_float_tensor, check_positive_int, normalize_axis
+from .validation import (as_int, check_array, check_bits, check_codes, check_finite, check_float_tensor,
+                         check_positive_int, normalize_axis)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,17 @@ def dequantize(qt: QTensor, *, dtype: str = "float32", backend: "str | Backend |
     if not isinstance(qt, QTensor):
         raise TypeError(f"dequantize expects a QTensor, got {type(qt).__name__}")
     dtype = canonical_dtype(dtype, allowed=OUT_DTYPES, what="dtype")
+    check_bits(qt.bits, "QTensor.bits")
+    check_positive_int(qt.group_size, "QTensor.group_size")
+    canonical_dtype(qt.meta_dtype, allowed=META_DTYPES, what="QTensor.meta_dtype")
+    if as_int(qt.axis) is None or not (0 <= qt.axis < len(qt.shape)):
+        raise ValueError(f"QTensor.axis={qt.axis!r} is out of range for shape {qt.shape}")
+    if dtype_name(qt.packed) != "uint8":
+        raise TypeError(f"QTensor.packed must be uint8; got {dtype_name(qt.packed)}")
+    stored = {"float16": ("float16",), "float32": ("float32",), "bfloat16": ("bfloat16", "uint16")}[qt.meta_dtype]
+    for name, arr in (("scale", qt.scale), ("zero", qt.zero)):
+        if dtype_name(arr) not in stored:
+            raise TypeError(f"QTensor.{name} has dtype {dtype_name(arr)} but meta_dtype is {qt.meta_dtype}")
     n = qt.shape[qt.axis]
     expect_packed = qt.shape[: qt.axis] + (row_bytes(n, qt.bits),) + qt.shape[qt.axis + 1:]
     expect_meta = qt.shape[: qt.axis] + (n_groups(n, qt.group_size),) + qt.shape[qt.axis + 1:]
@@ -97,21 +109,38 @@ def dequantize(qt: QTensor, *, dtype: str = "float32", backend: "str | Backend |
 def pack(codes: Any, bits: int, axis: int = -1, *, backend: "str | Backend | None" = None) -> Any:
     """Pack integer codes (``0 <= c < 2**bits``) LSB-first along ``axis`` into uint8 (§5)."""
     bits = check_bits(bits)
+    check_array(codes, "codes")
     be = get_backend(backend, like=codes)
-    check_codes(codes, bits, be)
     ax = normalize_axis(axis, len(codes.shape))
-    out = be.pack(be.from_any(codes).swapaxes(ax, -1), bits).swapaxes(ax, -1)
+    if not dtype_name(codes).startswith(("int", "uint")):
+        raise TypeError(f"codes must be an integer array; got dtype {dtype_name(codes)}")
+    wide = _cast(codes, "int64")  # exact for every integer dtype, whatever the library supports
+    check_codes(wide, bits, get_backend(array_kind(codes)))
+    # uint8 before the backend sees it: no backend may read uint16 codes as bfloat16 bits
+    out = be.pack(be.from_any(_cast(wide, "uint8")).swapaxes(ax, -1), bits).swapaxes(ax, -1)
     return convert_like(out, codes, be)
+
+
+def _cast(x: Any, dtype: str) -> Any:
+    """Cast an array within its own library (NumPy, CuPy or torch)."""
+    if array_kind(x) == "torch":
+        import torch
+
+        return x.to(getattr(torch, dtype))
+    return x.astype(dtype)
 
 
 def unpack(packed: Any, bits: int, n: int, axis: int = -1, *, backend: "str | Backend | None" = None) -> Any:
     """Unpack ``n`` codes of ``bits`` bits per row along ``axis`` (inverse of :func:`pack`)."""
     bits = check_bits(bits)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    check_array(packed, "packed")
+    n_int = as_int(n)
+    if n_int is None or n_int < 0:
         raise ValueError(f"n must be a non-negative integer; got {n!r}")
+    n = n_int
     be = get_backend(backend, like=packed)
     ax = normalize_axis(axis, len(packed.shape))
-    if str(getattr(packed, "dtype", "")).removeprefix("torch.") != "uint8":
+    if dtype_name(packed) != "uint8":
         raise TypeError(f"packed must be a uint8 array; got dtype {packed.dtype}")
     if packed.shape[ax] != row_bytes(n, bits):
         raise ValueError(f"packed has {packed.shape[ax]} bytes along axis {axis}; {n} codes of {bits} bits need {row_bytes(n, bits)}")

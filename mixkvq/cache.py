@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
@@ -178,9 +179,25 @@ class KVCache:
                          s.residual_keys, s.residual_values, self._shape[2] if self._shape else 0)
 
     # -- input ---------------------------------------------------------------------------
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Undo the call's changes to the cache's attributes if it fails (the stored state
+        itself is only replaced by ``_commit``), so a rejected call changes nothing."""
+        saved = (self._backend, self._n_rep)
+        try:
+            yield
+        except BaseException:
+            self._backend, self._n_rep = saved
+            raise
+
     def append(self, keys: Any, values: Any, queries: Any = None) -> None:
         """Add ``T`` tokens: keys and values ``(B, H, T, D)``; optional queries ``(B, Hq, T, D)``
-        of the same tokens (feeds the salience statistics, §7). Flushes every complete block."""
+        of the same tokens (feeds the salience statistics, §7). Flushes every complete block.
+        The tokens are copied: later writes to the caller's buffers do not reach the cache."""
+        with self._transaction():
+            self._append(keys, values, queries)
+
+    def _append(self, keys: Any, values: Any, queries: Any) -> None:
         self._validate_kv(keys, values)
         if queries is not None:
             B, H, T, D = (int(s) for s in keys.shape)
@@ -188,8 +205,9 @@ class KVCache:
         backend = self._resolve_backend(keys)
         k, v = backend.from_any(keys), backend.from_any(values)
         state = self._state.copy()
-        state.residual_keys = k if state.residual_keys is None else backend.concat([state.residual_keys, k], 2)
-        state.residual_values = v if state.residual_values is None else backend.concat([state.residual_values, v], 2)
+        # concat always copies: the residual never aliases the caller's arrays
+        state.residual_keys = backend.concat([k] if state.residual_keys is None else [state.residual_keys, k], 2)
+        state.residual_values = backend.concat([v] if state.residual_values is None else [state.residual_values, v], 2)
         state.n_tokens += int(keys.shape[2])
         if queries is not None:
             self._observe(state, backend.from_any(queries))
@@ -198,6 +216,10 @@ class KVCache:
 
     def observe_queries(self, queries: Any) -> None:
         """Feed the queries of the next tokens of the stream (they may lag keys, never lead)."""
+        with self._transaction():
+            self._observe_queries(queries)
+
+    def _observe_queries(self, queries: Any) -> None:
         self._validate_queries(queries, expect_tokens=None, after_append=False)
         state = self._state.copy()
         self._observe(state, self.backend.from_any(queries))
@@ -306,6 +328,7 @@ class KVCache:
         cfg, backend = self.config, self.backend
         R = cfg.residual_length
         policy = cfg.salience_policy
+        flushed_keys, flushed_values = state.n_key_quantized, state.n_value_quantized
         while state.residual_keys is not None and state.residual_keys.shape[2] >= R:
             end = state.n_key_quantized + R
             if policy.uses_queries and policy.mixed_precision and state.q_position < end:
@@ -323,6 +346,12 @@ class KVCache:
             if excess > 0:
                 state.value_rows.append(encode_values(backend, state.residual_values[:, :, :excess], cfg))
                 state.residual_values = state.residual_values[:, :, excess:]
+        # A slice would keep the flushed tokens alive in its base array (memory that nbytes
+        # could not see): store the residuals as arrays of their own.
+        if state.n_key_quantized != flushed_keys:
+            state.residual_keys = backend.concat([state.residual_keys], 2)
+        if state.n_value_quantized != flushed_values:
+            state.residual_values = backend.concat([state.residual_values], 2)
 
     def _tier_map(self, kblk: Any, vblk: Any, state: _State, end: int) -> tuple[Any, int]:
         """Tier map ``(B, H, D)`` of the block ending at token ``end`` and its value width."""
@@ -363,7 +392,7 @@ class KVCache:
         """``softmax(q K^T * scale) V`` over the whole cache. ``q (B, Hq, Tq, D)`` holds the
         last ``Tq`` tokens' queries (decode: ``Tq = 1``); returns float32 of q's shape."""
         check_float_tensor(q, "q", ndim=4)
-        if self._shape is None:
+        if self._shape is None or self.seq_len == 0:
             raise ValueError("attention() on an empty cache: append keys and values first")
         B, Hq, Tq, D = (int(s) for s in q.shape)
         if B != self._shape[0] or D != self._shape[2] or Hq % self._shape[1]:

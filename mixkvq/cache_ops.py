@@ -55,7 +55,10 @@ def select_batch(cache: "KVCache", indices: "Sequence[int] | Any") -> None:
     """
     if cache._shape is None:  # empty cache: nothing stored yet
         return
-    idx = np.asarray(indices.detach().cpu().numpy() if hasattr(indices, "detach") else indices, dtype=np.int64).reshape(-1)
+    raw = np.asarray(indices.detach().cpu().numpy() if hasattr(indices, "detach") else indices)
+    if raw.dtype.kind not in "iu":
+        raise TypeError(f"batch indices must be integers; got dtype {raw.dtype} (for a boolean mask pass mask.nonzero())")
+    idx = raw.astype(np.int64).reshape(-1)
     B, H, D = cache._shape
     if idx.size == 0:
         raise ValueError("select_batch needs at least one batch index")
@@ -83,6 +86,9 @@ def crop(cache: "KVCache", n_tokens: int) -> None:
     observed (they are a running mean over the stream); only queries of removed tokens that
     were never folded into a flushed block's snapshot are forgotten from the position count.
     """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, np.integer)):
+        raise TypeError(f"crop needs an integer token count; got {n_tokens!r}")
+    n_tokens = int(n_tokens)
     total = cache.seq_len
     keep = total + n_tokens if n_tokens < 0 else n_tokens
     if keep < 0:
@@ -119,6 +125,12 @@ def crop(cache: "KVCache", n_tokens: int) -> None:
         s.residual_values = s.residual_values[:, :, :0]
     else:
         s.residual_values = s.residual_values[:, :, : keep - nv]
+    backend = cache.backend  # slices would keep the dropped tokens alive: store copies
+    kept = {id(r) for r in cache._state.value_rows}
+    s.value_rows = [r if id(r) in kept else
+                    ValueRows(*(backend.concat([a], 2) for a in (r.packed, r.scale, r.zero)), r.bits) for r in s.value_rows]
+    s.residual_keys = backend.concat([s.residual_keys], 2)
+    s.residual_values = backend.concat([s.residual_values], 2)
     s.n_tokens = keep
     s.q_position = min(s.q_position, keep)
     s.snapshots = {m: v for m, v in s.snapshots.items() if m <= keep}

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from .dtypes import HIGH_DTYPES, META_DTYPES, canonical_dtype
 from .policy import SaliencePolicy, get_policy
-from .validation import check_bits, check_positive_int
+from .validation import as_int, check_bits, check_positive_int
 
 HIGH_BITS = 16  #: tier-map value of a channel kept as 16-bit floats
 
@@ -75,6 +75,8 @@ class MixKVQConfig:
         set_("bit_ladder", _check_ladder(self.bit_ladder, "bit_ladder", allow_high=True))
         set_("value_bit_ladder", _check_ladder(self.value_bit_ladder, "value_bit_ladder", allow_high=False))
         try:
+            if isinstance(self.rd_bits, bool):
+                raise TypeError
             rd_bits = float(self.rd_bits)
         except (TypeError, ValueError):
             raise ValueError(f"rd_bits must be a number of bits per element; got {self.rd_bits!r}") from None
@@ -105,8 +107,13 @@ class MixKVQConfig:
                 raise ValueError("tier_mode='rd' chooses the value width per block: it needs value_window='block'")
             if not self._policy.mixed_precision:
                 raise ValueError(f"tier_mode='rd' allocates bits by salience; the policy {self._policy.name!r} has none")
-        if self.backend is not None and not isinstance(self.backend, str):
-            raise TypeError("backend must be a backend name such as 'numpy' or 'torch', or None")
+        if self.backend is not None:
+            from .backend import available_backends
+
+            if not isinstance(self.backend, str):
+                raise TypeError("backend must be a backend name such as 'numpy' or 'torch', or None")
+            if self.backend not in available_backends():
+                raise ValueError(f"unknown backend {self.backend!r}; available backends: {', '.join(available_backends())}")
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -185,11 +192,16 @@ def _check_budget(budget: Any) -> tuple[float, float]:
         hi, mid = budget
     except (TypeError, ValueError):
         raise ValueError(f"budget must be a pair (high, mid); got {budget!r}") from None
-    vals = (hi, mid)
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        if min(vals) < 0:
+    ints = [as_int(v) for v in (hi, mid)]
+    if all(i is not None for i in ints):
+        if min(ints) < 0:
             raise ValueError(f"budget counts must be >= 0; got {budget!r}")
-        return (int(hi), int(mid))
+        return (ints[0], ints[1])
+    if any(i not in (None, 0) for i in ints):
+        raise ValueError(
+            f"budget {budget!r} mixes a channel count with a fraction; pass two ints (counts) "
+            "or two floats (fractions of head_dim)"
+        )
     try:
         fhi, fmid = float(hi), float(mid)
     except (TypeError, ValueError):

@@ -8,6 +8,7 @@ for the first offending index through :meth:`Backend.first_nonfinite`.
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .dtypes import INPUT_DTYPES, dtype_name
@@ -45,22 +46,35 @@ def check_finite(x: Any, name: str, backend: "Backend") -> None:
         )
 
 
+def as_int(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer (Python or NumPy, not bool), else None."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_bits(bits: Any, name: str = "bits", *, low: int = 1, high: int = 8) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int,)) or not (low <= bits <= high):
+    b = as_int(bits)
+    if b is None or not (low <= b <= high):
         raise ValueError(f"{name} must be an integer in {low}..{high}; got {bits!r}")
-    return int(bits)
+    return b
 
 
 def check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    v = as_int(value)
+    if v is None or v < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)
+    return v
 
 
-def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
-    if isinstance(axis, bool) or not isinstance(axis, int) or not (-ndim <= axis < ndim):
+def normalize_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+    a = as_int(axis)
+    if a is None or not (-ndim <= a < ndim):
         raise ValueError(f"{name}={axis!r} is out of range for a tensor with {ndim} dimensions")
-    return axis % ndim
+    return a % ndim
 
 
 def check_same_shape(a: Sequence[int], b: Sequence[int], name_a: str, name_b: str) -> None:
@@ -68,8 +82,13 @@ def check_same_shape(a: Sequence[int], b: Sequence[int], name_a: str, name_b: st
         raise ValueError(f"{name_a} has shape {tuple(a)} but {name_b} has shape {tuple(b)}; they must match")
 
 
+def check_array(x: Any, name: str) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array or tensor, got {type(x).__name__}")
+
+
 def check_codes(codes: Any, bits: int, backend: "Backend", name: str = "codes") -> None:
-    """Codes must be an unsigned/signed integer array whose values fit in ``bits``."""
+    """Codes must be an integer array (already in ``backend``'s type) whose values fit in ``bits``."""
     dt = dtype_name(codes)
     if not (dt.startswith("uint") or dt.startswith("int")):
         raise TypeError(f"{name} must be an integer array; got dtype {dt}")

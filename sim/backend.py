@@ -44,7 +44,7 @@ class NumpyBackend:
         return np.concatenate(list(arrays), axis=axis)
 
     def first_nonfinite(self, x: Any):
-        x = np.asarray(x)
+        x = self.from_any(x)
         if x.dtype.kind != "f" and dtype_name(x) != "bfloat16":
             return None
         finite = np.isfinite(x.astype(np.float32) if dtype_name(x) == "bfloat16" else x)
@@ -54,7 +54,7 @@ class NumpyBackend:
         return tuple(int(i) for i in idx), float(x[idx])
 
     def min_max(self, x: Any):
-        x = np.asarray(x)
+        x = self.from_any(x)
         if x.size == 0:
             return None, None
         return x.min().item(), x.max().item()

@@ -366,3 +366,54 @@ def test_crop_to_a_block_boundary_equals_the_prefix_and_refuses_cuts_inside_bloc
     assert [a.tobytes() for blk in cache.key_blocks for a in blk.arrays()] == \
         [a.tobytes() for blk in ref.key_blocks for a in blk.arrays()]
     assert cache.seq_len == 64 and cache.query_position == 64
+
+
+# -- regressions found in review ------------------------------------------------------------------
+def test_cache_does_not_alias_the_callers_buffers():
+    k, v, q = stream(T=40, dtype=np.float32)
+    cache = KVCache(small_config())
+    cache.append(k, v, queries=q)
+    before = cache.dequantized()[0].copy()
+    k[:] = 0  # a decode loop reusing its buffer
+    v[:] = 0
+    assert np.array_equal(cache.dequantized()[0], before)
+
+
+def test_residual_does_not_keep_flushed_tokens_alive():
+    k, v, q = stream(T=100)
+    cache = KVCache(small_config(policy="key_only"))
+    cache.append(k, v)
+    rk, rv = cache.residual
+    assert rk.base is None or rk.base.nbytes == rk.nbytes
+    assert rv.base is None or rv.base.nbytes == rv.nbytes
+
+
+def test_a_failed_append_does_not_pin_head_counts_or_backend():
+    rng = np.random.default_rng(0)
+    cache = KVCache(MixKVQConfig(residual_length=32, group_size=8, budget=(1, 1)))
+    big = (rng.standard_normal((1, 2, 32, 8)) * 1e6).astype(np.float32)
+    with pytest.raises(ValueError, match="overflows float16"):
+        cache.append(big, big, queries=rng.standard_normal((1, 4, 32, 8)).astype(np.float32))
+    ok = rng.standard_normal((1, 2, 32, 8)).astype(np.float32)
+    cache.append(ok, ok, queries=ok)  # 2 query heads now: must be accepted
+    assert cache.n_quantized == 32
+
+
+def test_structural_edits_reject_non_integer_arguments():
+    k, v, q = stream(B=2, T=40)
+    cache = KVCache(small_config())
+    cache.append(k, v, queries=q)
+    with pytest.raises(TypeError, match="batch indices must be integers"):
+        cache.select_batch([0.5])
+    with pytest.raises(TypeError, match="batch indices must be integers"):
+        cache.select_batch(np.array([True, False]))
+    with pytest.raises(TypeError, match="crop needs an integer token count"):
+        cache.crop(10.5)
+
+
+def test_attention_on_a_cache_of_zero_tokens_says_so():
+    k, v, q = stream(T=0)
+    cache = KVCache(small_config())
+    cache.append(k, v)
+    with pytest.raises(ValueError, match="empty cache"):
+        cache.attention(q)

@@ -271,3 +271,24 @@ def test_nan_salience_ranks_last_and_is_low():
     a = np.array([[[np.nan, 1.0, np.nan, 0.0]]], np.float32)
     assert sim.assign_budget(a, 1, 2, (16, 4, 2)).tolist() == [[[4, 16, 2, 4]]]
     assert sim.assign_threshold(a, 0.5, -1.0, (16, 4, 2)).tolist() == [[[2, 16, 2, 4]]]
+
+
+def test_dequantize_checks_the_qtensor_against_its_arrays():
+    import dataclasses
+
+    qt = mixkvq.quantize(np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32), bits=4)
+    with pytest.raises(ValueError, match="QTensor.scale has shape"):
+        mixkvq.dequantize(dataclasses.replace(qt, group_size=16))
+    with pytest.raises(ValueError, match="QTensor.bits must be an integer in 1..8"):
+        mixkvq.dequantize(dataclasses.replace(qt, bits=0))
+    with pytest.raises(TypeError, match="QTensor.scale has dtype float16 but meta_dtype is float32"):
+        mixkvq.dequantize(dataclasses.replace(qt, meta_dtype="float32"))
+    with pytest.raises(TypeError, match="QTensor.packed must be uint8"):
+        mixkvq.dequantize(dataclasses.replace(qt, packed=qt.packed.astype(np.float32)))
+
+
+def test_pack_reads_uint16_codes_as_codes_on_every_backend():
+    codes = np.array([[1, 2, 3, 0]], np.uint16)
+    assert mixkvq.pack(codes, 2).tolist() == [[57]]
+    pytest.importorskip("torch")
+    assert mixkvq.pack(codes, 2, backend="torch").tolist() == [[57]]

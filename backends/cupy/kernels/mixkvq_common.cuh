@@ -62,6 +62,20 @@ __device__ __forceinline__ float mixkvq_store_meta(void* base, long long i, int 
 }
 
 // Code of element i of a row packed LSB-first (§5) with `bits` bits; row_bytes bounds reads.
+// §5: byte k of a row's packed stream, from code_at(i) of the codes whose bits fall in it.
+template <int BITS, class CodeAt>
+__device__ __forceinline__ unsigned char mixkvq_pack_byte(int k, int n, CodeAt code_at) {
+    int first = (8 * k) / BITS;
+    int last = min(n - 1, (8 * k + 7) / BITS);
+    unsigned int byte = 0;
+    for (int i = first; i <= last; ++i) {
+        unsigned int c = code_at(i);
+        int shift = i * BITS - 8 * k;
+        byte |= shift >= 0 ? (c << shift) : (c >> -shift);
+    }
+    return (unsigned char)(byte & 0xFFu);
+}
+
 __device__ __forceinline__ unsigned int mixkvq_read_code(const unsigned char* row, long long i, int bits, int row_bytes) {
     long long p = i * bits;
     int k = (int)(p >> 3), off = (int)(p & 7);

@@ -40,19 +40,10 @@ __global__ void quant_pack(const float* __restrict__ x, long long nrows, int n, 
     const float L = (float)((1 << BITS) - 1);
     GRID_STRIDE(o, nrows * rb) {
         long long row = o / rb;
-        int k = (int)(o % rb);
-        int first = (8 * k) / BITS;
-        int last = min(n - 1, (8 * k + 7) / BITS);
-        unsigned int byte = 0;
-        for (int i = first; i <= last; ++i) {
+        packed[o] = mixkvq_pack_byte<BITS>((int)(o % rb), n, [&](int i) {
             long long gi = row * ng + i / G;
-            float s = mixkvq_load_meta(scale, gi, kind);
-            float z = mixkvq_load_meta(zero, gi, kind);
-            unsigned int c = mixkvq_code(x[row * n + i], s, z, L);
-            int shift = i * BITS - 8 * k;
-            byte |= shift >= 0 ? (c << shift) : (c >> -shift);
-        }
-        packed[o] = (unsigned char)(byte & 0xFFu);
+            return mixkvq_code(x[row * n + i], mixkvq_load_meta(scale, gi, kind), mixkvq_load_meta(zero, gi, kind), L);
+        });
     }
 }
 
@@ -83,16 +74,9 @@ __global__ void pack_codes(const unsigned char* __restrict__ codes, long long nr
                            unsigned char* __restrict__ packed) {
     GRID_STRIDE(o, nrows * rb) {
         long long row = o / rb;
-        int k = (int)(o % rb);
-        int first = (8 * k) / BITS;
-        int last = min(n - 1, (8 * k + 7) / BITS);
-        unsigned int byte = 0;
-        for (int i = first; i <= last; ++i) {
-            unsigned int c = codes[row * n + i] & ((1u << BITS) - 1u);
-            int shift = i * BITS - 8 * k;
-            byte |= shift >= 0 ? (c << shift) : (c >> -shift);
-        }
-        packed[o] = (unsigned char)(byte & 0xFFu);
+        packed[o] = mixkvq_pack_byte<BITS>((int)(o % rb), n, [&](int i) {
+            return (unsigned int)(codes[row * n + i] & ((1u << BITS) - 1u));
+        });
     }
 }
 

@@ -66,6 +66,10 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
                           description="transformers QuantizedCache, quanto int2"),
         "quanto4": Method("quanto4", "quanto", options={"nbits": 4, "q_group_size": G, "residual_length": R},
                           description="transformers QuantizedCache, quanto int4"),
+        # quanto's axis=-1 groups along the token axis: per-channel keys, as KIVI
+        "quanto2_kc": Method("quanto2_kc", "quanto", options={"nbits": 2, "q_group_size": G, "residual_length": R,
+                                                              "axis_key": -1, "axis_value": 0},
+                             description="transformers QuantizedCache, quanto int2, per-channel keys"),
         "hqq2": Method("hqq2", "hqq", options={"nbits": 2, "q_group_size": G, "residual_length": R},
                        description="transformers QuantizedCache, HQQ 2-bit"),
     }

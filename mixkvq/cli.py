@@ -80,7 +80,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.report import continuations_table, markdown_table, plot, save_json
 
     base = _load_config(args.config)
-    thr = _load_config(args.threshold_config) if args.threshold_config else None
+    if args.threshold_config:
+        thr = _load_config(args.threshold_config)
+    elif args.model is None and args.config is None:
+        # the embedded model's thresholds, from `mixkvq calibrate` (the paper's taus are
+        # searched per model and do not transfer)
+        thr = _load_config(str(Path(__file__).parent / "eval" / "calibrated_smollm2.json"))
+    else:
+        thr = None
     catalog = builtin_methods(base, thr)
     preset = FRONTIER_METHODS if args.frontier else FULL_METHODS if args.full else QUICK_METHODS
     names = args.methods.split(",") if args.methods else list(preset)
@@ -257,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--frontier", action="store_true", help="the quality-per-bit frontier methods: KIVI at every K/V split, MixKVQ tiers, rd budgets 3.1-4.5")
     e.add_argument("--methods", help="comma-separated method names (see `mixkvq eval --list-methods`)")
     e.add_argument("--list-methods", action="store_true", help="print the method names and exit")
-    e.add_argument("--threshold-config", help="config JSON for the threshold-mode row (default: --config in threshold mode)")
+    e.add_argument("--threshold-config", help="config JSON for the threshold-mode row (default: the embedded model's calibrated thresholds; with --model or --config, that config in threshold mode)")
     e.add_argument("--n-samples", dest="n_samples", type=_positive("--n-samples"))
     e.add_argument("--context-len", dest="context_len", type=_positive("--context-len"))
     e.add_argument("--score-len", dest="score_len", type=_positive("--score-len"))

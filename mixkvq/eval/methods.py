@@ -100,8 +100,8 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
 RD_BUDGETS = (3.1, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5)
 
 
-QUICK_METHODS = ("full", "kivi2", "kivi4", "quanto2", "mixkvq", "mixkvq_thr", "key_only", "query_only")
-FULL_METHODS = QUICK_METHODS + ("kivi3", "kivi2_g64", "kivi2_g128", "kivi3_g64", "kivi3_g128",
+QUICK_METHODS = ("full", "kivi2", "kivi4", "quanto2_kc", "mixkvq", "mixkvq_thr", "key_only", "query_only")
+FULL_METHODS = QUICK_METHODS + ("quanto2", "kivi3", "kivi2_g64", "kivi2_g128", "kivi3_g64", "kivi3_g128",
                                 "kivi4_g64", "kivi4_g128")
 #: the quality-per-bit frontier: KIVI at every K/V split, MixKVQ tiers, the rd allocator's budgets
 FRONTIER_METHODS = ("full", "kivi2", "kivi_k2v3", "kivi_k2v4", "kivi_k3v2", "kivi3", "kivi_k3v4", "kivi_k4v2",

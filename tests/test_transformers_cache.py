@@ -143,3 +143,40 @@ def test_config_path_and_unsupported_model(tmp_path, hf):
 
     with pytest.raises(DataError, match="not supported"):
         check_supported(Cfg())
+
+
+def test_packed_attention_matches_the_dequantized_path_without_forming_the_history(hf):
+    """attention='packed' computes attention from the packed cache (no memo); its logits agree
+    with SDPA over the dequantized history, and greedy generation gives the same tokens."""
+    from mixkvq.integrations.transformers import MixKVQCache
+
+    model, tok, _ = hf
+    text = "The history of the city begins in the Roman period, when a small settlement grew along the river. " * 6
+    enc = tok([text], return_tensors="pt")
+    cfg = MixKVQConfig(residual_length=32, backend="torch")
+    deq = MixKVQCache(cfg, model_config=model.config)
+    packed = MixKVQCache(cfg, model_config=model.config, attention="packed")
+    with torch.no_grad():
+        a = model(**enc, past_key_values=deq).logits[:, -1]
+        b = model(**enc, past_key_values=packed).logits[:, -1]
+        assert packed.kv_caches[0].n_quantized > 0
+        nxt = a.argmax(-1, keepdim=True)
+        mask = torch.ones(1, enc["input_ids"].shape[1] + 1, dtype=torch.long)
+        a2 = model(input_ids=nxt, attention_mask=mask, past_key_values=deq).logits[:, -1]
+        b2 = model(input_ids=nxt, attention_mask=mask, past_key_values=packed).logits[:, -1]
+    assert torch.allclose(a, b, atol=2e-3, rtol=1e-3) and torch.allclose(a2, b2, atol=2e-3, rtol=1e-3)
+    assert all(layer._memo_k is None for layer in packed.layers)
+    got = _gen(model, enc, MixKVQCache(cfg, model_config=model.config, attention="packed"), max_new_tokens=8, do_sample=False)
+    ref = _gen(model, enc, MixKVQCache(cfg, model_config=model.config), max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, ref)
+
+
+def test_packed_attention_refuses_padding_masks(hf):
+    from mixkvq.integrations.transformers import MixKVQCache
+
+    model, tok, _ = hf
+    with pytest.raises(NotImplementedError, match="without padding masks"):
+        _gen(model, _batch(tok), MixKVQCache(MixKVQConfig(residual_length=32), model_config=model.config,
+                                             attention="packed"), max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        MixKVQCache(attention="fast")

@@ -43,6 +43,7 @@ from ..config import MixKVQConfig
 from ..layout import decode_key_block, decode_values
 
 ATTN_IMPLEMENTATION = "mixkvq"
+ATTENTION_MODES = ("dequantized", "packed")
 TESTED_TRANSFORMERS = "5.24"
 
 
@@ -82,8 +83,12 @@ class MixKVQLayer(CacheLayerMixin):
     is_croppable = False  # crops inside a quantized block are refused (see KVCache.crop)
     is_sliding = False
 
-    def __init__(self, config: MixKVQConfig | None = None) -> None:
+    def __init__(self, config: MixKVQConfig | None = None, *, attention: str = "dequantized") -> None:
         super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}; got {attention!r}")
+        self.attention = attention
+        self.prefill = True
         self.config = _with_backend(config or MixKVQConfig())
         self.kv = KVCache(self.config)
         self._memo_k: torch.Tensor | None = None  # dequantized key blocks (model dtype)
@@ -111,7 +116,8 @@ class MixKVQLayer(CacheLayerMixin):
                 "(or model.set_attn_implementation('mixkvq') after register()), or use a policy that does not "
                 "need queries ('key_only', 'uniform')"
             )
-        past_k, past_v = self.past()
+        self.prefill = self.kv.seq_len == 0  # nothing stored yet: the forward sees only its own tokens
+        past_k, past_v = self.past() if self.attention == "dequantized" else (None, None)
         with warnings.catch_warnings():
             # the queries of these tokens arrive moments later, in the attention function
             warnings.filterwarnings("ignore", message=r".*tokens wait in the residual", category=UserWarning)
@@ -133,6 +139,12 @@ class MixKVQLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+    def packed_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Causal attention of ``query (B, Hq, T, D)`` (the tokens appended last) over the packed
+        cache — no dequantized history is formed. Returns ``(B, T, Hq, D)`` in the query's dtype."""
+        out = self.kv.attention(query.detach(), scale=scaling, causal=True)
+        return out.to(query.dtype).transpose(1, 2).contiguous()
 
     def reset(self) -> None:
         self.kv = KVCache(self.config)
@@ -221,6 +233,15 @@ class MixKVQCache(Cache):
         config: the :class:`~mixkvq.MixKVQConfig` (default: the paper's), or a path to a
             config JSON (``mixkvq calibrate`` writes one). Its ``backend`` defaults to
             :func:`default_backend_name`.
+        attention: ``"dequantized"`` (default): ``update`` returns the stored history
+            dequantized (memoised) and the ``"mixkvq"`` attention function runs SDPA on it —
+            every transformers mask feature works, but the process holds a dequantized copy.
+            ``"packed"``: ``update`` returns only the new tokens and the attention function
+            computes attention from the packed cache (:meth:`mixkvq.KVCache.attention`), so
+            no dequantized history exists; needs the ``"mixkvq"`` attention function. The
+            prefill attends to its own exact tokens (SDPA); later forwards read the packed
+            history and must be free of padding masks. With a policy that does not use
+            queries, a token that completes a block is quantized before it is attended to.
         model_config: the model's config; when given, one layer per hidden layer is created
             up front (otherwise layers appear lazily on first use).
         layer_configs: optional per-layer overrides ``{layer_idx: MixKVQConfig}``.
@@ -229,7 +250,10 @@ class MixKVQCache(Cache):
     """
 
     def __init__(self, config: "MixKVQConfig | str | os.PathLike[str] | None" = None, *, model_config: Any = None,
-                 layer_configs: dict[int, MixKVQConfig] | None = None) -> None:
+                 layer_configs: dict[int, MixKVQConfig] | None = None, attention: str = "dequantized") -> None:
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}; got {attention!r}")
+        self.attention = attention
         if config is not None and not isinstance(config, MixKVQConfig):
             config = MixKVQConfig.load(config)
         self.mixkvq_config = _with_backend(config or MixKVQConfig())
@@ -239,7 +263,7 @@ class MixKVQCache(Cache):
         if model_config is not None:
             text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
             n = int(text.num_hidden_layers)
-            layers = [MixKVQLayer(self._layer_config(i)) for i in range(n)]
+            layers = [MixKVQLayer(self._layer_config(i), attention=attention) for i in range(n)]
             super().__init__(layers=layers)
         else:
             super().__init__(layer_class_to_replicate=self._next_layer)
@@ -248,7 +272,7 @@ class MixKVQCache(Cache):
         return self.layer_configs.get(i, self.mixkvq_config)
 
     def _next_layer(self) -> MixKVQLayer:
-        return MixKVQLayer(self._layer_config(len(self.layers)))
+        return MixKVQLayer(self._layer_config(len(self.layers)), attention=self.attention)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -302,8 +326,31 @@ def mixkvq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         _PENDING.set(None)
         layer_idx = getattr(module, "layer_idx", pending.layer_idx)
         if layer_idx == pending.layer_idx and int(query.shape[2]) == pending.n_tokens:
-            pending.layer.observe(query)
+            layer = pending.layer
+            if layer.attention == "packed" and not layer.prefill:
+                # attend first, then observe: a block completed by these tokens waits for their
+                # queries, so they are still exact in the residual (as with "dequantized")
+                _require_causal_only(attention_mask, query.shape[2], layer.kv.seq_len)
+                scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+                out = layer.packed_attention(query, float(scaling))
+                layer.observe(query)
+                return out, None
+            layer.observe(query)
+    # (a packed-mode prefill attends only to its own exact tokens: plain SDPA on them)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _require_causal_only(mask: torch.Tensor | None, q_len: int, kv_len: int) -> None:
+    """Packed attention applies the causal rule itself; any other masking (padding) is refused."""
+    if mask is None:
+        return
+    m = mask if mask.dtype == torch.bool else mask == 0  # additive float masks: 0 = attend
+    causal = torch.arange(kv_len, device=m.device)[None, :] <= torch.arange(kv_len - q_len, kv_len, device=m.device)[:, None]
+    if m.shape[-2:] != causal.shape or not bool((m == causal).all()):
+        raise NotImplementedError(
+            "MixKVQCache(attention='packed') supports causal attention without padding masks; "
+            "use attention='dequantized' for padded batches"
+        )
 
 
 def register() -> None:

@@ -301,3 +301,22 @@ def test_gpu_matches_cpu_emulation_and_sim():
     from mixkvq.testing import check_backend
 
     check_backend("cupy", max_examples=25)
+
+
+def test_fused_attention_stays_finite_for_values_near_the_float32_limit():
+    """The kernel keeps each split's weighted mean (a convex combination), not the weighted
+    sum, so values near FLT_MAX cannot overflow (found by the conformance kit)."""
+    import mixkvq
+
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, 2, 24, 8)).astype(np.float32)
+    v = np.full((1, 2, 24, 8), 3.0e38, np.float32)
+    v[..., ::2] *= -1
+    q = rng.standard_normal((1, 4, 24, 8)).astype(np.float32)
+    outs = []
+    for name in ("numpy", "cupy-cpu"):
+        cache = mixkvq.KVCache(mixkvq.MixKVQConfig(policy="uniform", residual_length=32, group_size=8, backend=name))
+        cache.append(k, v)
+        outs.append(np.asarray(cache.attention(q[:, :, -1:])))
+    assert np.isfinite(outs[1]).all()
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5)

@@ -128,14 +128,19 @@ attn_split(const float* __restrict__ q, int B, int H, int n_rep, int Tq, int D, 
                 p = s == NEG_INF ? 0.0f : expf(s - m_new);
                 alpha = m == NEG_INF ? 0.0f : expf(m - m_new);
             }
-            l = __fadd_rn(__fmul_rn(l, alpha), warp_sum(p));
+            float l_kept = __fmul_rn(l, alpha);
+            l = __fadd_rn(l_kept, warp_sum(p));
             m = m_new;
-            Ps[warp][lane] = p;
+            // acc is kept as the weighted MEAN of the values seen (not their weighted sum), a
+            // convex combination that cannot overflow even for values near the float32 limit
+            float inv_l = l > 0.0f ? __fdiv_rn(1.0f, l) : 0.0f;
+            float keep = __fmul_rn(l_kept, inv_l);
+            Ps[warp][lane] = __fmul_rn(p, inv_l);
             __syncwarp();
             for (int k = 0; k < MAXD / 32; ++k) {
                 int d = lane + 32 * k;
                 if (d < D) {
-                    float a = __fmul_rn(acc[k], alpha);
+                    float a = __fmul_rn(acc[k], keep);
                     for (int t = 0; t < TILE; ++t) a = __fadd_rn(a, __fmul_rn(Ps[warp][t], Vs[t][d]));
                     acc[k] = a;
                 }
@@ -156,7 +161,8 @@ attn_split(const float* __restrict__ q, int B, int H, int n_rep, int Tq, int D, 
     }
 }
 
-// Merge the splits: out[row, d] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M).
+// Merge the splits: out[row, d] = sum_s acc_s * (l_s e^(m_s - M) / sum_s' l_s' e^(m_s' - M)),
+// acc_s being each split's weighted mean (again a convex combination).
 extern "C" __global__ void attn_combine(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                         int n_splits, long long rows, int D, float* __restrict__ out) {
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < rows * D;
@@ -165,14 +171,19 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part_acc, cons
         int d = (int)(e % D);
         float M = NEG_INF;
         for (int s = 0; s < n_splits; ++s) M = fmaxf(M, part_ml[2 * (s * rows + row)]);
-        float num = 0.0f, den = 0.0f;
+        float den = 0.0f;
         for (int s = 0; s < n_splits; ++s) {
             float ms = part_ml[2 * (s * rows + row)];
             if (ms == NEG_INF) continue;  // a split this query cannot see
-            float w = expf(ms - M);
-            den = __fadd_rn(den, __fmul_rn(part_ml[2 * (s * rows + row) + 1], w));
+            den = __fadd_rn(den, __fmul_rn(part_ml[2 * (s * rows + row) + 1], expf(ms - M)));
+        }
+        float num = 0.0f;
+        for (int s = 0; s < n_splits; ++s) {
+            float ms = part_ml[2 * (s * rows + row)];
+            if (ms == NEG_INF) continue;
+            float w = __fdiv_rn(__fmul_rn(part_ml[2 * (s * rows + row) + 1], expf(ms - M)), den);
             num = __fadd_rn(num, __fmul_rn(part_acc[(s * rows + row) * D + d], w));
         }
-        out[e] = __fdiv_rn(num, den);
+        out[e] = num;
     }
 }

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import get_backend
+from .backend import array_kind, get_backend
 from .cache import KVCache, _State
 from .config import HIGH_BITS, MixKVQConfig
 from .dtypes import dtype_name
@@ -49,18 +49,11 @@ class CacheFileError(ValueError):
 
 # -- low level: deterministic npz ------------------------------------------------------------------
 def _np(backend: Any, a: Any) -> tuple[np.ndarray, str]:
+    """A C-contiguous NumPy copy of ``a`` (bfloat16 as its uint16 bits) and its dtype name;
+    ``backend=None`` converts through the backend of ``a``'s own array kind."""
     name = dtype_name(a)
-    arr = np.ascontiguousarray(backend.to_numpy(a) if backend is not None else _to_numpy(a))
-    return arr, name
-
-
-def _to_numpy(a: Any) -> np.ndarray:
-    if type(a).__module__.split(".")[0] == "torch":
-        t = a.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":
-            return t.view(__import__("torch").int16).numpy().view(np.uint16)
-        return t.numpy()
-    return np.asarray(a)
+    backend = backend if backend is not None else get_backend(array_kind(a))
+    return np.ascontiguousarray(backend.to_numpy(a)), name
 
 
 def _write(path: "str | Path", header: dict[str, Any], arrays: dict[str, tuple[np.ndarray, str]]) -> None:

@@ -16,6 +16,7 @@ from mixkvq.config import HIGH_BITS
 from mixkvq.layout import n_groups, row_bytes
 
 from .floats import to_float32
+from .quant import _groups
 
 HALF_ULP = {"bfloat16": 2.0**-7, "float16": 2.0**-10}  #: step of a 16-bit channel, relative to its max |x|
 
@@ -108,9 +109,7 @@ def rd_model(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ...],
     v_spread_sq = _fsum((v - v_mean[:, :, None, :]) ** 2, (2, 3)) / (R * D)   # (B, H)
     key_err = (w**2 * v_spread_sq[:, :, None])[..., None] * key_step**2 / 12.0
     ng = n_groups(D, G)
-    pad = ng * G - D
-    vg = np.concatenate([v, np.repeat(v[..., -1:], pad, axis=-1)], axis=-1) if pad else v
-    vg = vg.reshape(B, H, R, ng, G)
+    vg = _groups(v, G)                                                        # (B, H, R, ng, G)
     range_sq = float(_fsum((vg.max(-1) - vg.min(-1)) ** 2, (0, 1, 2, 3)))     # whole block
     value_err = np.array([D * range_sq / (R * ng) / (12.0 * (2.0**b - 1) ** 2) for b in value_ladder])
     # Costs (§8.3 step 3) and the budget, pooled over the block's (batch, head) pairs.

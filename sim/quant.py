@@ -76,7 +76,7 @@ def _meta_dtype_of(scale: np.ndarray) -> str:
 def encode_half(x: np.ndarray, high_dtype: str, name: str = "keys") -> np.ndarray:
     """§6 16-bit rows: ``(..., n)`` -> uint8 ``(..., 2n)`` little-endian ``high_dtype`` words."""
     words = half_bits(to_float32(x), high_dtype)
-    inf = (words & np.uint16(0x7FFF)) == np.uint16(0x7F80 if high_dtype == "bfloat16" else 0x7C00)
+    inf = meta_isinf(words if high_dtype == "bfloat16" else words.view(np.float16), high_dtype)
     if inf.any():
         raise_meta_overflow(name, tuple(int(i) for i in np.argwhere(inf)[0]), high_dtype, what="16-bit key channel")
     words = np.ascontiguousarray(words.astype("<u2"))

@@ -191,13 +191,9 @@ class MixKVQLayer(CacheLayerMixin):
         self._memo_blocks = self._memo_vrows = 0
 
     def _torch(self, x: Any) -> torch.Tensor:
-        """A backend array as a tensor in the model's dtype and device (exact conversion)."""
-        if isinstance(x, torch.Tensor):
-            return x.to(device=self.device, dtype=self.dtype)
-        a = self.kv.backend.to_numpy(x)
-        t = torch.from_numpy(a)
-        if a.dtype.name == "uint16" and self.kv._dtype == "bfloat16":  # bfloat16 bit patterns
-            t = t.view(torch.bfloat16)
+        """A backend array (dequantized float32 or residual) as a tensor in the model's dtype
+        and device (exact conversion)."""
+        t = x if isinstance(x, torch.Tensor) else get_backend("torch").from_any(x)
         return t.to(device=self.device, dtype=self.dtype)
 
     def past(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:

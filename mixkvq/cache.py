@@ -466,11 +466,7 @@ class KVCache:
     @property
     def nominal_bits(self) -> float:
         """Code bits per quantized K/V element (16 for a 16-bit channel), no metadata or residual."""
-        bits = elements = 0
-        for block in self._state.key_blocks:
-            tm = np.asarray(self.backend.to_numpy(block.tier_map), dtype=np.int64)
-            bits += int(tm.sum()) * block.n_tokens
-            elements += tm.size * block.n_tokens
+        bits, elements = self._key_code_bits()
         if self._shape is not None:
             B, H, D = self._shape
             for rows in self._state.value_rows:
@@ -480,9 +476,15 @@ class KVCache:
 
     @property
     def nominal_key_bits(self) -> float:
-        """Average key code bits over quantized key channels (the paper's "effective bits")."""
+        """Average key code bits over quantized key elements (the paper's "effective bits")."""
+        bits, elements = self._key_code_bits()
+        return bits / elements if elements else 0.0
+
+    def _key_code_bits(self) -> tuple[int, int]:
+        """(code bits, elements) of the quantized keys, from the tier maps."""
         bits = elements = 0
         for block in self._state.key_blocks:
             tm = np.asarray(self.backend.to_numpy(block.tier_map), dtype=np.int64)
-            bits, elements = bits + int(tm.sum()), elements + tm.size
-        return bits / elements if elements else 0.0
+            bits += int(tm.sum()) * block.n_tokens
+            elements += tm.size * block.n_tokens
+        return bits, elements

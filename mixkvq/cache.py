@@ -383,7 +383,7 @@ class KVCache:
         tier_map, value_bits = rd_allocate(
             host(_float32(kblk)), host(_float32(vblk)), weight, ladder=cfg.bit_ladder, value_ladder=cfg.value_bit_ladder,
             budget_bits=cfg.rd_bits, group_size=cfg.group_size, meta_bytes=ITEMSIZE[cfg.meta_dtype],
-            high_dtype=cfg.high_dtype,
+            high_dtype=cfg.high_dtype, value_weight=cfg.rd_value_weight,
         )
         return backend.from_any(tier_map, like=kblk), value_bits
 

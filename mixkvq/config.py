@@ -45,6 +45,9 @@ class MixKVQConfig:
             scales, zeros, tier map and 16-bit channels all counted).
         bit_ladder: key widths the ``rd`` allocator may give a channel (16 = 16-bit floats).
         value_bit_ladder: value widths the ``rd`` allocator may choose per block.
+        rd_value_weight: the ``rd`` error model's exchange rate between value and key errors
+            (``E_val`` is multiplied by it, §8.3 step 2). 1 is the attention-output model as
+            derived; a model's perplexity may prefer another rate (``mixkvq calibrate --rd``).
         backend: backend name (``"numpy"``, ``"torch"``, ``"cupy"``) or None to use
             ``$MIXKVQ_BACKEND`` or the kind of the arrays passed in.
     """
@@ -65,6 +68,7 @@ class MixKVQConfig:
     rd_bits: float = 3.5
     bit_ladder: tuple[int, ...] = (2, 3, 4, 8, 16)
     value_bit_ladder: tuple[int, ...] = (2, 3, 4)
+    rd_value_weight: float = 1.0
     _policy: SaliencePolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,15 +78,8 @@ class MixKVQConfig:
             raise ValueError(f"tier_mode must be 'budget', 'threshold' or 'rd'; got {self.tier_mode!r}")
         set_("bit_ladder", _check_ladder(self.bit_ladder, "bit_ladder", allow_high=True))
         set_("value_bit_ladder", _check_ladder(self.value_bit_ladder, "value_bit_ladder", allow_high=False))
-        try:
-            if isinstance(self.rd_bits, bool):
-                raise TypeError
-            rd_bits = float(self.rd_bits)
-        except (TypeError, ValueError):
-            raise ValueError(f"rd_bits must be a number of bits per element; got {self.rd_bits!r}") from None
-        if not (math.isfinite(rd_bits) and rd_bits > 0):
-            raise ValueError(f"rd_bits must be a positive number of bits per element; got {self.rd_bits!r}")
-        set_("rd_bits", rd_bits)
+        set_("rd_bits", _positive_float(self.rd_bits, "rd_bits", "a number of bits per element"))
+        set_("rd_value_weight", _positive_float(self.rd_value_weight, "rd_value_weight", "an exchange rate"))
         set_("budget", _check_budget(self.budget))
         set_("thresholds", _check_thresholds(self.thresholds))
         set_("high_dtype", canonical_dtype(self.high_dtype, allowed=HIGH_DTYPES, what="high_dtype"))
@@ -212,6 +209,18 @@ def _check_budget(budget: Any) -> tuple[float, float]:
             "(pass two ints for channel counts)"
         )
     return (fhi, fmid)
+
+
+def _positive_float(value: Any, name: str, what: str) -> float:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {what}; got {value!r}") from None
+    if not (math.isfinite(out) and out > 0):
+        raise ValueError(f"{name} must be a positive finite number ({what}); got {value!r}")
+    return out
 
 
 def _check_ladder(ladder: Any, name: str, *, allow_high: bool) -> tuple[int, ...]:

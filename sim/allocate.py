@@ -91,7 +91,7 @@ class RDModel:
 
 
 def rd_model(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ...], value_ladder: tuple[int, ...],
-             budget_bits: float, group_size: int, meta_bytes: int, high_dtype: str) -> RDModel:
+             budget_bits: float, group_size: int, meta_bytes: int, high_dtype: str, value_weight: float = 1.0) -> RDModel:
     """Errors and costs of §8.3 for a block ``keys``/``values`` ``(B, H, R, D)``."""
     k = to_float32(np.asarray(keys)).astype(np.float64)
     v = to_float32(np.asarray(values)).astype(np.float64)
@@ -111,7 +111,8 @@ def rd_model(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ...],
     ng = n_groups(D, G)
     vg = _groups(v, G)                                                        # (B, H, R, ng, G)
     range_sq = float(_fsum((vg.max(-1) - vg.min(-1)) ** 2, (0, 1, 2, 3)))     # whole block
-    value_err = np.array([D * range_sq / (R * ng) / (12.0 * (2.0**b - 1) ** 2) for b in value_ladder])
+    value_err = np.array([float(value_weight) * (D * range_sq / (R * ng) / (12.0 * (2.0**b - 1) ** 2))
+                          for b in value_ladder])
     # Costs (§8.3 step 3) and the budget, pooled over the block's (batch, head) pairs.
     key_cost = np.array([key_channel_bits(b, R, G, meta_bytes) for b in ladder], dtype=np.float64)
     value_cost = np.array([value_head_bits(b, R, D, G, meta_bytes) * B * H for b in value_ladder], dtype=np.float64)
@@ -121,7 +122,7 @@ def rd_model(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ...],
 
 
 def rd_allocate(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ...], value_ladder: tuple[int, ...],
-                budget_bits: float, group_size: int, meta_bytes: int, high_dtype: str,
+                budget_bits: float, group_size: int, meta_bytes: int, high_dtype: str, value_weight: float = 1.0,
                 return_skipped: bool = False) -> "tuple[np.ndarray, int] | tuple[np.ndarray, int, bool]":
     """Key widths ``(B, H, D)`` uint8 and one value width for a block (docs/numerics.md §8.3).
 
@@ -130,11 +131,12 @@ def rd_allocate(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ..
         relevance: float32 ``(B, H, D)`` — the query weight of each channel (ones for key_only).
         ladder / value_ladder: ascending widths (16 = 16-bit floats).
         budget_bits: true bits per K/V element of the block.
+        value_weight: multiplies the modelled value error (the K/V exchange rate, §8.3 step 2).
         return_skipped: also return whether a step was skipped before the last one taken
             (when not, the result is optimal for the bits it spends).
     """
     model = rd_model(keys, values, relevance, ladder=ladder, value_ladder=value_ladder, budget_bits=budget_bits,
-                     group_size=group_size, meta_bytes=meta_bytes, high_dtype=high_dtype)
+                     group_size=group_size, meta_bytes=meta_bytes, high_dtype=high_dtype, value_weight=value_weight)
     B, H, D, _ = model.key_err.shape
     R = int(np.shape(keys)[2])
     key_err, value_err, key_cost, value_cost = model.key_err, model.value_err, model.key_cost, model.value_cost

@@ -84,6 +84,7 @@ def cases() -> Iterator[tuple[str, str, dict[str, Any], dict[str, np.ndarray]]]:
     yield "cache_query_only_threshold", "cache", {**base, "policy": "query_only", "tier_mode": "threshold",
                                                   "thresholds": [tau_high, tau_mid]}, inputs
     yield "cache_rd", "cache", {**base, "tier_mode": "rd", "rd_bits": 4.0}, inputs
+    yield "cache_rd_value_weight", "cache", {**base, "tier_mode": "rd", "rd_bits": 4.0, "rd_value_weight": 20.0}, inputs
     # rd with exact gain ties (duplicated channels and heads), 16-bit channels and a value
     # width that moves off the bottom of its ladder.
     kt = k.copy()

@@ -425,6 +425,7 @@ CONFIG_DEFAULTS = {
     "rd_bits": 3.5,
     "bit_ladder": (2, 3, 4, 8, 16),
     "value_bit_ladder": (2, 3, 4),
+    "rd_value_weight": 1.0,
 }
 
 
@@ -451,6 +452,7 @@ class PortConfig:
         self.rd_bits = f["rd_bits"]
         self.bit_ladder = tuple(f["bit_ladder"])
         self.value_bit_ladder = tuple(f["value_bit_ladder"])
+        self.rd_value_weight = float(f["rd_value_weight"])
         if self.policy not in ("query_aware", "key_only", "query_only", "uniform"):
             raise ValueError(f"unknown policy {self.policy!r}")
         if self.tier_mode not in ("budget", "threshold", "rd"):
@@ -626,7 +628,7 @@ def rd_allocate(keys, values, w, cfg: PortConfig, B: int, H: int, D: int):
     for bw in cfg.value_bit_ladder:
         L = float((1 << bw) - 1)
         e_head = D * mean_range_sq / (12.0 * (L * L))
-        vpts.append((rd_value_cost(bw, cfg, B, H, D), (B * H) * e_head, bw))
+        vpts.append((rd_value_cost(bw, cfg, B, H, D), cfg.rd_value_weight * ((B * H) * e_head), bw))
     chains.append(vpts)
 
     # step 3: budget and the cheapest allocation

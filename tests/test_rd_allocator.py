@@ -138,7 +138,12 @@ def test_single_width_ladders_leave_nothing_to_allocate():
         (dict(bit_ladder=(2, 12)), r"bit_ladder entries must be integers in 1..8 or 16"),
         (dict(value_bit_ladder=(2, 16)), r"value_bit_ladder entries must be integers in 1..8"),
         (dict(bit_ladder=(2, 2)), "repeated widths"),
-        (dict(rd_bits=-1), "rd_bits must be a positive number"),
+        (dict(rd_bits=-1), "rd_bits must be a positive finite number"),
+        (dict(rd_value_weight=0), "rd_value_weight must be a positive finite number"),
+        (dict(rd_value_weight=float("nan")), "rd_value_weight must be a positive finite number"),
+        (dict(rd_value_weight=float("inf")), "rd_value_weight must be a positive finite number"),
+        (dict(rd_value_weight="two"), "rd_value_weight must be an exchange rate"),
+        (dict(rd_value_weight=True), "rd_value_weight must be an exchange rate"),
     ],
 )
 def test_rd_config_errors(kwargs, pattern):
@@ -153,3 +158,36 @@ def test_too_small_budget_is_rejected_and_the_cache_unchanged():
     with pytest.raises(ValueError, match=r"rd_bits=3.0 is below the cheapest allocation"):
         cache.append(k, k)
     assert cache.seq_len == 0
+
+
+@given(seed=st.integers(0, 10_000), budget=st.floats(3.2, 7.0))
+def test_value_weight_scales_the_value_error_and_moves_bits_to_values(seed, budget):
+    """λ multiplies E_val and nothing else; a larger λ never gives the values fewer bits."""
+    k, v, w = block(seed, B=1, H=2, R=8, D=4)
+    kw = dict(ladder=(2, 3, 4, 8, 16), value_ladder=(2, 3, 4), budget_bits=budget, **KW)
+    base = rd_model(k, v, w, **kw)
+    if base.base > base.budget:
+        return
+    scaled = rd_model(k, v, w, value_weight=4.0, **kw)
+    np.testing.assert_array_equal(scaled.key_err, base.key_err)
+    np.testing.assert_array_equal(scaled.value_err, 4.0 * base.value_err)
+    widths = [rd_allocate(k, v, w, value_weight=lam, **kw)[1] for lam in (1e-6, 0.5, 1.0, 4.0, 1e6)]
+    assert widths == sorted(widths)
+    assert widths[0] == 2
+
+
+def test_value_weight_reaches_the_cache_and_round_trips_through_json(tmp_path):
+    rng = np.random.default_rng(11)
+    k = rng.standard_normal((1, 2, 64, 16)).astype(np.float32)
+    v = (rng.standard_normal((1, 2, 64, 16)) * 4).astype(np.float32)
+    widths = []
+    for lam in (0.01, 100.0):
+        cfg = MixKVQConfig(tier_mode="rd", rd_bits=6.0, group_size=16, residual_length=32, policy="key_only",
+                           rd_value_weight=lam)
+        path = tmp_path / f"c{lam}.json"
+        cfg.save(path)
+        assert MixKVQConfig.load(path) == cfg
+        cache = KVCache(cfg)
+        cache.append(k, v)
+        widths.append([rows.bits for rows in cache.value_rows])
+    assert widths[0] and min(widths[1]) > max(widths[0])

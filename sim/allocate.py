@@ -34,6 +34,13 @@ def value_head_bits(width: int, R: int, D: int, G: int, meta_bytes: int) -> int:
     return R * (8 * row_bytes(D, width) + 2 * 8 * meta_bytes * n_groups(D, G))
 
 
+def min_block_bits(key_bits: int, value_bits: int, R: int, G: int, D: int, meta_bytes: int) -> float:
+    """True bits per K/V element of the cheapest allocation of a block (every key channel at
+    ``key_bits``, values at ``value_bits``, tier map included): the lowest feasible ``rd_bits``."""
+    total = D * (8 + key_channel_bits(key_bits, R, G, meta_bytes)) + value_head_bits(value_bits, R, D, G, meta_bytes)
+    return total / (2 * R * D)
+
+
 def _fsum(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """Correctly rounded float64 sums over ``axes`` (order-free: math.fsum per output)."""
     moved = np.moveaxis(a, axes, tuple(range(a.ndim - len(axes), a.ndim)))
@@ -69,6 +76,41 @@ def _hull_chains(cost: np.ndarray, err: np.ndarray) -> list[tuple[np.ndarray, ..
         current = np.where(valid, best, current)
         alive = valid
     return steps
+
+
+def _key_items(chains: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Every hull step of every key channel as (owner, step, delta cost, to-index), in walk
+    order: gain per bit descending, then channel ((b, h, d) order), then step."""
+    empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float64)  # one-width ladders have no steps
+    owner, step_no, dcost, gain, to_idx = [empty_i], [empty_i], [empty_f], [empty_f], [empty_i]
+    for s, (valid, _, to, dc, g) in enumerate(chains):
+        owner.append(np.flatnonzero(valid)); step_no.append(np.full(int(valid.sum()), s))
+        dcost.append(dc[valid]); gain.append(g[valid]); to_idx.append(to[valid])
+    owner_a, step_a, dcost_a, gain_a, to_a = (np.concatenate(x) for x in (owner, step_no, dcost, gain, to_idx))
+    order = np.lexsort((step_a, owner_a, -gain_a))
+    return owner_a[order], step_a[order], dcost_a[order], to_a[order]
+
+
+def _greedy_walk(items: tuple[np.ndarray, ...], n_keys: int, remaining: float) -> tuple[np.ndarray, bool]:
+    """Take items in order while they fit; an item that does not fit closes its chain.
+    Returns each channel's ladder index and whether a step was skipped before one was taken."""
+    owner_a, step_a, dcost_a, to_a = items
+    next_step = np.zeros(n_keys, dtype=np.int64)
+    closed = np.zeros(n_keys, dtype=bool)
+    chosen = np.zeros(n_keys, dtype=np.int64)
+    skipped = skipped_then_taken = False
+    for o, st, dc, to in zip(owner_a.tolist(), step_a.tolist(), dcost_a.tolist(), to_a.tolist()):
+        if closed[o] or st != next_step[o]:
+            continue
+        if dc <= remaining:
+            remaining -= dc
+            chosen[o] = to
+            next_step[o] += 1
+            skipped_then_taken |= skipped
+        else:
+            closed[o] = True
+            skipped = True
+    return chosen, skipped_then_taken
 
 
 @dataclass(frozen=True)
@@ -146,37 +188,23 @@ def rd_allocate(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ..
             f"rd_bits={budget_bits} is below the cheapest allocation of this block "
             f"({base / (2 * R * D * B * H):.4f} true bits per element with widths {ladder[0]} and {value_ladder[0]}); raise rd_bits"
         )
-    # Greedy over convex-hull steps by gain per bit (§8.3 step 4).
+    # §8.3 step 4: for every value width that fits, a greedy over the key channels' convex-hull
+    # steps by gain per bit; the value width with the least total modelled error wins.
     n_keys = B * H * D
     err_rows = key_err.reshape(n_keys, len(ladder))
-    empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float64)  # one-width ladders have no steps
-    owner, step_no, dcost, gain, to_width = [empty_i], [empty_i], [empty_f], [empty_f], [empty_i]
-    for chains, cost_ladder, widths, owners in (
-        (_hull_chains(key_cost, err_rows), key_cost, ladder, np.arange(n_keys)),
-        (_hull_chains(value_cost, value_err[None, :]), value_cost, value_ladder, np.array([n_keys])),
-    ):
-        for s, (valid, _, to, dc, g) in enumerate(chains):
-            owner.append(owners[valid]); step_no.append(np.full(int(valid.sum()), s))
-            dcost.append(dc[valid]); gain.append(g[valid]); to_width.append(np.asarray(widths)[to[valid]])
-    owner_a, step_a, dcost_a, gain_a, width_a = (np.concatenate(x) for x in (owner, step_no, dcost, gain, to_width))
-    order = np.lexsort((step_a, owner_a, -gain_a))  # gain desc, then owner (keys before the value), then step
-    remaining = budget - base
-    skipped = skipped_then_taken = False
-    next_step = np.zeros(n_keys + 1, dtype=np.int64)
-    closed = np.zeros(n_keys + 1, dtype=bool)
-    widths = np.full(n_keys + 1, -1, dtype=np.int64)
-    for i in order.tolist():
-        o = int(owner_a[i])
-        if closed[o] or step_a[i] != next_step[o]:
-            continue
-        if dcost_a[i] <= remaining:
-            remaining -= dcost_a[i]
-            widths[o] = width_a[i]
-            next_step[o] += 1
-            skipped_then_taken |= skipped
-        else:
-            closed[o] = True
-            skipped = True
-    tier_map = np.where(widths[:n_keys] < 0, ladder[0], widths[:n_keys]).reshape(B, H, D).astype(np.uint8)
-    value_bits = int(value_ladder[0] if widths[n_keys] < 0 else widths[n_keys])
+    items = _key_items(_hull_chains(key_cost, err_rows))
+    key_base = n_keys * (8 + key_cost[0])
+    best: "tuple[float, int, np.ndarray, bool] | None" = None
+    for vi in range(len(value_ladder)):
+        remaining = budget - key_base - value_cost[vi]
+        if remaining < 0:
+            break  # value costs ascend with the width
+        chosen, skipped = _greedy_walk(items, n_keys, remaining)
+        total = math.fsum([*err_rows[np.arange(n_keys), chosen].tolist(), float(value_err[vi])])
+        if best is None or total < best[0]:
+            best = (total, vi, chosen, skipped)
+    assert best is not None  # base <= budget: the lowest value width always fits
+    _, vi, chosen, skipped_then_taken = best
+    tier_map = np.asarray(ladder, dtype=np.int64)[chosen].reshape(B, H, D).astype(np.uint8)
+    value_bits = int(value_ladder[vi])
     return (tier_map, value_bits, skipped_then_taken) if return_skipped else (tier_map, value_bits)

@@ -641,35 +641,47 @@ def rd_allocate(keys, values, w, cfg: PortConfig, B: int, H: int, D: int):
             f"rd_bits={cfg.rd_bits} is below the cheapest allocation: {minimum} bits "
             f"({minimum / (2 * R * D * B * H)} bits per element) > budget {budget} bits")
 
-    # step 4: hull steps as items, taken by gain descending, ties by owner then step
+    # step 4: key hull steps as items, ordered by gain descending, ties by channel then step;
+    # then one walk per value width that fits, the least total modelled error winning
+    key_chains, vpts = chains[:-1], chains[-1]
     items = []
-    for owner, pts in enumerate(chains):
+    for owner, pts in enumerate(key_chains):
         for k, (gain, cost, width) in enumerate(rd_hull_steps(pts)):
             items.append((gain, owner, k, cost, width))
     items.sort(key=lambda it: (-it[0], it[1], it[2]))
-    width = [p[2] for p in start]
-    next_step = [0] * len(chains)
-    closed = [False] * len(chains)
-    left = budget - minimum
-    skipped = 0
-    for gain, owner, k, cost, to_width in items:
-        if closed[owner]:
-            continue
-        # "every chain is taken in step order": check it rather than assume it
-        assert k == next_step[owner], "hull gains do not fall along the chain"
-        if cost <= left:
-            left -= cost
-            width[owner] = to_width
-            next_step[owner] += 1
-        else:
-            closed[owner] = True
-            skipped += 1
+    err_at = [{w: e for (_, e, w) in pts} for pts in key_chains]
+    key_minimum = sum(p[0] for p in start[:-1]) + tier_map_bits
+    best = None
+    for vcost, verr, vwidth in vpts:  # the value ladder ascends, and so do its costs
+        left = budget - key_minimum - vcost
+        if left < 0:
+            break
+        width = [p[2] for p in start[:-1]]
+        next_step = [0] * len(key_chains)
+        closed = [False] * len(key_chains)
+        skipped = 0
+        for gain, owner, k, cost, to_width in items:
+            if closed[owner]:
+                continue
+            # "every chain is taken in step order": check it rather than assume it
+            assert k == next_step[owner], "hull gains do not fall along the chain"
+            if cost <= left:
+                left -= cost
+                width[owner] = to_width
+                next_step[owner] += 1
+            else:
+                closed[owner] = True
+                skipped += 1
+        total = math.fsum([err_at[o][w] for o, w in enumerate(width)] + [verr])
+        if best is None or total < best[0]:
+            best = (total, width, vwidth, left, skipped)
+    _, width, vwidth, left, skipped = best
     widths = [[[width[(b * H + h) * D + d] for d in range(D)] for h in range(H)]
               for b in range(B)]
     report = {"budget": budget, "minimum": minimum, "spent": budget - left,
               "skipped": skipped, "points": chains, "items": items,
               "tier_map_bits": tier_map_bits}
-    return widths, width[-1], report
+    return widths, vwidth, report
 
 
 class PortCache:

@@ -337,9 +337,9 @@ def test_rd_minimum_budget_is_3_03_bits_and_3_0_is_rejected():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_rd_greedy_guarantee_by_brute_force(seed):
-    """§8.3 guarantee: with no skip before the last item taken, no allocation costing at
-    most what the greedy spends has a lower modelled error; otherwise the shortfall is at
-    most the first skipped step's gain times the bits left over."""
+    """§8.3 guarantee: with no key skip before the last item taken, no allocation with the
+    chosen value width costing at most what the walk spends has a lower modelled error;
+    otherwise the shortfall is at most the first skipped step's gain times the bits left over."""
     import itertools
     D, R = 3, 32
     keys, vals, w = _rd_block(seed, D, R, scale_v=[0.2, 1.0, 5.0][seed % 3])
@@ -364,12 +364,17 @@ def test_rd_greedy_guarantee_by_brute_force(seed):
 
     spent, err = cost_err(chosen)
     assert spent == rep["spent"] <= rep["budget"]
-    best = min(e for alloc in itertools.product(*[[p[2] for p in pts] for pts in chains])
+    # the guarantee is per value width: among allocations with the chosen value width
+    best = min(e for alloc in itertools.product(*[[p[2] for p in pts] for pts in chains[:-1]], [vb])
                for c, e in [cost_err(alloc)] if c <= spent)
+    overall = min(e for alloc in itertools.product(*[[p[2] for p in pts] for pts in chains])
+                  for c, e in [cost_err(alloc)] if c <= rep["budget"])
+    assert err >= overall * (1 - 1e-12)  # brute force over every width is a lower bound
+    vcost = next(p[0] for p in chains[-1] if p[2] == vb)
     taken, first_skip, skipped_before_last = [], None, False
-    left = rep["budget"] - rep["minimum"]
+    left = rep["budget"] - (rep["tier_map_bits"] + sum(min(p[0] for p in pts) for pts in chains[:-1])) - vcost
     closed = set()
-    for gain, owner, k, cost, _ in rep["items"]:       # replay the walk for the condition
+    for gain, owner, k, cost, _ in rep["items"]:       # replay the key walk for the condition
         if owner in closed:
             continue
         if cost <= left:

@@ -199,10 +199,9 @@ def configs(draw: Any, *, head_dim: int | None = None, backend: str | None = Non
 
 def _rd_min_bits(key_bits: int, value_bits: int, R: int, G: int, D: int, meta_bytes: int) -> float:
     """Smallest ``rd_bits`` every block of this geometry can meet (§8.3 step 3), rounded up."""
-    from mixkvq.sim.allocate import key_channel_bits, value_head_bits
+    from mixkvq.sim.allocate import min_block_bits
 
-    total = D * (8 + key_channel_bits(key_bits, R, G, meta_bytes)) + value_head_bits(value_bits, R, D, G, meta_bytes)
-    return math.ceil(1000 * total / (2 * R * D)) / 1000
+    return math.ceil(1000 * min_block_bits(key_bits, value_bits, R, G, D, meta_bytes)) / 1000
 
 
 @st.composite

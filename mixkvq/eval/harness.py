@@ -83,6 +83,7 @@ class MethodResult:
     attn_err: float = float("nan")
     continuation: str = ""
     config: dict[str, Any] | None = None
+    layer_rd_bits: list[float | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -196,14 +197,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def attention_errors(config: MixKVQConfig, captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                     probe: int) -> tuple[list[float], list[KVCache]]:
-    """Per-layer relative attention-output error of ``config`` on captured Q/K/V; the
-    filled caches are returned too (for their byte counts)."""
+                     probe: int, layer_configs: "dict[int, MixKVQConfig | None] | None" = None
+                     ) -> tuple[list[float], list[KVCache]]:
+    """Per-layer relative attention-output error of ``config`` (or ``layer_configs[layer]``;
+    ``None`` = full precision, error 0) on captured Q/K/V; the filled caches of the quantized
+    layers are returned too (for their byte counts)."""
     from ..integrations.transformers import default_backend_name
 
-    cfg = config if config.backend is not None else config.replace(backend=default_backend_name())
     errs, caches = [], []
     for li in sorted(captured):
+        layer_cfg = (layer_configs or {}).get(li, config)
+        if layer_cfg is None:
+            errs.append(0.0)
+            continue
+        cfg = layer_cfg if layer_cfg.backend is not None else layer_cfg.replace(backend=default_backend_name())
         q, k, v = captured[li]
         cache = KVCache(cfg)
         if cfg.backend == "numpy":  # the simulator: hand it NumPy arrays, get NumPy back
@@ -251,6 +258,9 @@ def evaluate(model: Any, tokenizer: Any, docs: list[str], methods: list[Method],
     for method in _progress(order, settings, desc="methods", unit="method"):
         res = MethodResult(method.name, method.description, method.kind,
                            config=method.config.to_dict() if method.config is not None else None)
+        if method.layer_configs is not None:
+            res.layer_rd_bits = [None if (c := method.layer_configs.get(i, method.config)) is None else c.rd_bits
+                                 for i in range(len(captured))]
         try:
             build_cache(method, model)  # availability check before spending time
         except MethodUnavailable as exc:
@@ -294,7 +304,7 @@ def evaluate(model: Any, tokenizer: Any, docs: list[str], methods: list[Method],
         # ratio to a DynamicCache timed just before this method (same load on the machine)
         res.decode_ratio = res.decode_ms / local_ref_ms
         if method.kind == "mixkvq":
-            res.attn_err_layers, _ = attention_errors(method.config, captured, settings.probe_queries)
+            res.attn_err_layers, _ = attention_errors(method.config, captured, settings.probe_queries, method.layer_configs)
             res.attn_err = float(np.mean(res.attn_err_layers))
         elif method.kind == "full":
             res.attn_err_layers, res.attn_err = [0.0] * len(captured), 0.0

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import MixKVQConfig
+from ..layer_budget import LayerProfile
 
 
 class MethodUnavailable(RuntimeError):
@@ -23,6 +24,8 @@ class Method:
         config: the MixKVQ config (kind ``"mixkvq"``).
         options: QuantizedCache options (``nbits``, ``q_group_size``, ``residual_length``).
         description: what the row is, for the table.
+        layer_configs: per-layer configs (kind ``"mixkvq"``), e.g. per-layer ``rd_bits``
+            from a :class:`~mixkvq.layer_budget.LayerProfile`.
     """
 
     name: str
@@ -30,10 +33,14 @@ class Method:
     config: MixKVQConfig | None = None
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    layer_configs: "dict[int, MixKVQConfig | None] | None" = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "description": self.description,
-                "config": self.config.to_dict() if self.config is not None else None, "options": dict(self.options)}
+        out = {"name": self.name, "kind": self.kind, "description": self.description,
+               "config": self.config.to_dict() if self.config is not None else None, "options": dict(self.options)}
+        if self.layer_configs is not None:
+            out["layer_rd_bits"] = {str(i): (None if c is None else c.rd_bits) for i, c in sorted(self.layer_configs.items())}
+        return out
 
 
 def kivi(bits: int, group_size: int = 32, residual_length: int = 128) -> Method:
@@ -44,9 +51,11 @@ def kivi(bits: int, group_size: int = 32, residual_length: int = 128) -> Method:
     return Method(name, "mixkvq", cfg, description=f"KIVI-{bits} (uniform K{bits}/V{bits}, G={group_size})")
 
 
-def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | None = None) -> dict[str, Method]:
+def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | None = None,
+                    layer_profile: "LayerProfile | None" = None) -> dict[str, Method]:
     """Every named method. ``base`` is the MixKVQ config (default: the paper's budget mode);
-    ``threshold`` the threshold-mode config (default: ``base`` with ``tier_mode="threshold"``)."""
+    ``threshold`` the threshold-mode config (default: ``base`` with ``tier_mode="threshold"``);
+    ``layer_profile`` adds the ``rdl<bits>`` rows (one budget across layers)."""
     base = base or MixKVQConfig()
     if base.tier_mode != "budget":
         budget_cfg = base.replace(tier_mode="budget")
@@ -93,11 +102,18 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
         name = f"rd{bits:g}"
         out[name] = Method(name, "mixkvq", rd_base.replace(rd_bits=bits),
                            description=f"rate-distortion allocation, {bits:g} true bits/element of quantized blocks")
+        if layer_profile is not None and bits >= layer_profile.budgets[0]:
+            name = f"rdl{bits:g}"
+            out[name] = Method(name, "mixkvq", rd_base.replace(rd_bits=bits),
+                               layer_configs=layer_profile.layer_configs(rd_base, bits),
+                               description=f"rd allocation with per-layer budgets from the layer profile, "
+                                           f"{bits:g} true bits/element on average")
     return out
 
 
 #: budgets (true bits per element of quantized blocks) of the rd rows
-RD_BUDGETS = (3.1, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5)
+#: (3.03125, 3.53125, 4.03125, 4.53125 are the block bits of the KIVI splits: equal bytes)
+RD_BUDGETS = (3.03125, 3.25, 3.53125, 3.75, 4.03125, 4.25, 4.53125)
 
 
 QUICK_METHODS = ("full", "kivi2", "kivi4", "quanto2_kc", "mixkvq", "mixkvq_thr", "key_only", "query_only")
@@ -105,8 +121,8 @@ FULL_METHODS = QUICK_METHODS + ("quanto2", "kivi3", "kivi2_g64", "kivi2_g128", "
                                 "kivi4_g64", "kivi4_g128")
 #: the quality-per-bit frontier: KIVI at every K/V split, MixKVQ tiers, the rd allocator's budgets
 FRONTIER_METHODS = ("full", "kivi2", "kivi_k2v3", "kivi_k2v4", "kivi_k3v2", "kivi3", "kivi_k3v4", "kivi_k4v2",
-                    "kivi_k4v3", "kivi4", "mixkvq", "mixkvq_nohigh", "mixkvq_v3", "key_only", "query_only",
-                    *(f"rd{b:g}" for b in RD_BUDGETS))
+                    "kivi_k4v3", "kivi4", "mixkvq", "mixkvq_nohigh", "mixkvq_v3", "mixkvq_thr",
+                    *(f"rd{b:g}" for b in RD_BUDGETS), *(f"rdl{b:g}" for b in RD_BUDGETS))
 
 
 def resolve_methods(names: "list[str] | tuple[str, ...]", catalog: dict[str, Method]) -> list[Method]:
@@ -129,7 +145,7 @@ def build_cache(method: Method, model: Any) -> Any:
     if method.kind == "mixkvq":
         from ..integrations.transformers import MixKVQCache
 
-        return MixKVQCache(method.config, model_config=model.config)
+        return MixKVQCache(method.config, model_config=model.config, layer_configs=method.layer_configs)
     if method.kind in ("quanto", "hqq"):
         from transformers import QuantizedCache
 
@@ -201,10 +217,12 @@ _QUANTIZED_PARTS = ("key_codes", "key_high", "key_meta", "tier_maps", "value_cod
 
 def _mixkvq_block_bits(cache: Any) -> float:
     """True bits per element of the quantized storage alone (codes, metadata, tier maps,
-    16-bit channels) — what a long context converges to, without the residual."""
-    bits = elements = 0
-    for layer in cache.layers:
-        kv = layer.kv
+    16-bit channels) — what a long context converges to, without the residual. Layers kept in
+    full precision count at their real bytes."""
+    full = cache._full_layer_tensors()
+    bits = 8 * sum(t.numel() * t.element_size() for t in full)
+    elements = sum(t.numel() for t in full)
+    for kv in cache.kv_caches:
         if kv.seq_len == 0:
             continue
         parts = kv.nbytes_breakdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ def save_json(results: dict[str, Any], path: "str | Path") -> None:
 
 
 def _color(name: str) -> tuple[str, str]:
+    if name.startswith("rdl"):
+        return "tab:brown", "P"
     if name.startswith("rd"):
         return "tab:purple", "D"
     if name.startswith("mixkvq"):
@@ -75,7 +78,7 @@ def plot(results: dict[str, Any], path: "str | Path", *, title: str = "") -> Non
             if x is None:
                 continue
             color, marker = _color(r["name"])
-            ax.scatter(x, r["delta_ppl"], c=color, marker=marker, s=80 if marker in "*D" else 40)
+            ax.scatter(x, r["delta_ppl"], c=color, marker=marker, s=80 if marker in "*DP" else 40)
             ax.annotate(r["name"], (x, r["delta_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_ylabel("Δ perplexity vs full precision")
@@ -83,7 +86,7 @@ def plot(results: dict[str, Any], path: "str | Path", *, title: str = "") -> Non
         ax.axhline(0.0, color="k", lw=0.5)
         ax.grid(alpha=0.3)
     fig.suptitle(title or "KV-cache quantization on the embedded model: quality vs true bits "
-                 "(blue KIVI, red MixKVQ tiers, green ablations, purple rd allocator)")
+                 "(blue KIVI, red MixKVQ tiers, green ablations, purple rd allocator, brown rd with layer budgets)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -109,3 +112,47 @@ def target_checks(results: dict[str, Any]) -> list[str]:
             out.append(f"- MixKVQ Δppl {m:+.3f} vs {ab} Δppl {a:+.3f} at {rows[ab]['bits_per_element']:.2f} vs "
                        f"{rows['mixkvq']['bits_per_element']:.2f} true bits/elem — {'met' if m < a else 'NOT met'}")
     return out
+
+
+#: the tier settings the rd allocator is measured against (same G and R as the allocator)
+TIER_SETTINGS = ("mixkvq", "mixkvq_nohigh", "mixkvq_v3", "mixkvq_thr", "key_only", "query_only")
+#: the paper's default tiers (2/64 bf16, 8/64 int4, rest int2) with 2- and 3-bit values
+DEFAULT_TIERS = ("mixkvq", "mixkvq_v3")
+
+
+def _is_kivi_split(name: str) -> bool:
+    return name in ("kivi2", "kivi3", "kivi4") or (name.startswith("kivi_k") and "_g" not in name)
+
+
+def frontier_checks(results: dict[str, Any], *, allocator: str = "rd", lo: float = 3.0, hi: float = 4.6,
+                    tier_margin: float = 0.25) -> tuple[str, bool]:
+    """An allocator's rows (``<allocator><bits>``, e.g. ``rd3.5``) against every KIVI split and
+    MixKVQ tier setting in ``[lo, hi]`` block bits.
+
+    Each competitor with ``b`` block bits is compared with the allocator row of the largest
+    budget ``<= b`` (same or fewer bytes): its Δppl must be ``<=`` the competitor's, and for
+    the default MixKVQ tiers (:data:`DEFAULT_TIERS`) at least ``tier_margin`` lower. Returns a markdown table and whether
+    every row passed (False when there is nothing to compare).
+    """
+    rows = [r for r in results["results"] if r["available"] and r.get("block_bits") is not None
+            and r.get("delta_ppl") is not None]
+    alloc = sorted((r for r in rows if re.fullmatch(rf"{allocator}[0-9.]+", r["name"])), key=lambda r: r["block_bits"])
+    comps = [r for r in rows if (_is_kivi_split(r["name"]) or r["name"] in TIER_SETTINGS) and lo <= r["block_bits"] <= hi]
+    lines = ["| competitor | block bits | Δppl | KL | allocator row (≤ bytes) | block bits | Δppl | KL | target | met |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    ok_all = bool(comps) and bool(alloc)
+    for c in sorted(comps, key=lambda r: (r["block_bits"], r["name"])):
+        below = [a for a in alloc if a["block_bits"] <= c["block_bits"] + 1e-9]
+        if not below:
+            lines.append(f"| {c['name']} | {c['block_bits']:.3f} | {c['delta_ppl']:+.3f} | {c['kl']:.4f} | – | | | | | no row |")
+            ok_all = False
+            continue
+        a = below[-1]
+        tier = c["name"] in DEFAULT_TIERS
+        bound = (1 - tier_margin) * c["delta_ppl"] if tier else c["delta_ppl"]
+        ok = a["delta_ppl"] <= bound
+        ok_all &= ok
+        target = f"≤ {1 - tier_margin:.2f}× ({bound:+.3f})" if tier else f"≤ {bound:+.3f}"
+        lines.append(f"| {c['name']} | {c['block_bits']:.3f} | {c['delta_ppl']:+.3f} | {c['kl']:.4f} | {a['name']} | "
+                     f"{a['block_bits']:.3f} | {a['delta_ppl']:+.3f} | {a['kl']:.4f} | {target} | {'yes' if ok else '**no**'} |")
+    return "\n".join(lines) + "\n", ok_all

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from ..backend import get_backend
 from ..cache import KVCache
@@ -240,55 +240,66 @@ class MixKVQCache(Cache):
             queries, a token that completes a block is quantized before it is attended to.
         model_config: the model's config; when given, one layer per hidden layer is created
             up front (otherwise layers appear lazily on first use).
-        layer_configs: optional per-layer overrides ``{layer_idx: MixKVQConfig}``.
+        layer_configs: optional per-layer overrides ``{layer_idx: MixKVQConfig}``; ``None`` for
+            a layer keeps it in full precision (a transformers ``DynamicLayer``, counted at its
+            real bytes), e.g. for layers a sensitivity probe finds too fragile to quantize.
 
     Query-aware policies need the ``"mixkvq"`` attention implementation (:func:`enable`).
     """
 
     def __init__(self, config: "MixKVQConfig | str | os.PathLike[str] | None" = None, *, model_config: Any = None,
-                 layer_configs: dict[int, MixKVQConfig] | None = None, attention: str = "dequantized") -> None:
+                 layer_configs: "dict[int, MixKVQConfig | None] | None" = None, attention: str = "dequantized") -> None:
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}; got {attention!r}")
         self.attention = attention
         if config is not None and not isinstance(config, MixKVQConfig):
             config = MixKVQConfig.load(config)
         self.mixkvq_config = _with_backend(config or MixKVQConfig())
-        self.layer_configs = {i: _with_backend(c) for i, c in (layer_configs or {}).items()}
+        self.layer_configs = {int(i): None if c is None else _with_backend(c) for i, c in (layer_configs or {}).items()}
         get_backend(self.mixkvq_config.backend)  # fail now, not inside generate(), if unusable
         layers = None
         if model_config is not None:
             text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
             n = int(text.num_hidden_layers)
-            layers = [MixKVQLayer(self._layer_config(i), attention=attention) for i in range(n)]
-            super().__init__(layers=layers)
+            super().__init__(layers=[self._make_layer(i) for i in range(n)])
         else:
             super().__init__(layer_class_to_replicate=self._next_layer)
 
-    def _layer_config(self, i: int) -> MixKVQConfig:
+    def _layer_config(self, i: int) -> MixKVQConfig | None:
         return self.layer_configs.get(i, self.mixkvq_config)
 
-    def _next_layer(self) -> MixKVQLayer:
-        return MixKVQLayer(self._layer_config(len(self.layers)), attention=self.attention)
+    def _make_layer(self, i: int) -> CacheLayerMixin:
+        cfg = self._layer_config(i)
+        return DynamicLayer() if cfg is None else MixKVQLayer(cfg, attention=self.attention)
+
+    def _next_layer(self) -> CacheLayerMixin:
+        return self._make_layer(len(self.layers))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        _PENDING.set(_Pending(self.layers[layer_idx], layer_idx, int(key_states.shape[2])))
+        layer = self.layers[layer_idx]
+        _PENDING.set(_Pending(layer, layer_idx, int(key_states.shape[2])) if isinstance(layer, MixKVQLayer) else None)
         return k, v
 
     # -- accounting ----------------------------------------------------------------------------
     @property
     def kv_caches(self) -> list[KVCache]:
-        """The core cache of every layer."""
-        return [layer.kv for layer in self.layers]
+        """The core cache of every quantized layer (full-precision layers have none)."""
+        return [layer.kv for layer in self.layers if isinstance(layer, MixKVQLayer)]
+
+    def _full_layer_tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers if not isinstance(layer, MixKVQLayer)
+                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes over all layers (quantized storage, residual, query statistics)."""
-        return sum(c.nbytes for c in self.kv_caches)
+        """Stored bytes over all layers (quantized storage, residual, query statistics, and
+        the tensors of full-precision layers)."""
+        return sum(c.nbytes for c in self.kv_caches) + sum(t.numel() * t.element_size() for t in self._full_layer_tensors())
 
     @property
     def n_elements(self) -> int:
-        return sum(c.n_elements for c in self.kv_caches)
+        return sum(c.n_elements for c in self.kv_caches) + sum(t.numel() for t in self._full_layer_tensors())
 
     @property
     def bits_per_element(self) -> float:

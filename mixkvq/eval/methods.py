@@ -112,8 +112,9 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
 
 
 #: budgets (true bits per element of quantized blocks) of the rd rows
-#: (3.03125, 3.53125, 4.03125, 4.53125 are the block bits of the KIVI splits: equal bytes)
-RD_BUDGETS = (3.03125, 3.25, 3.53125, 3.75, 4.03125, 4.25, 4.53125)
+#: (3.03125, 3.53125, 4.03125, 4.53125 are the block bits of the KIVI splits, 3.15625 and
+#: 3.859375 those of the MixKVQ tiers without bf16 channels and with 3-bit values: equal bytes)
+RD_BUDGETS = (3.03125, 3.15625, 3.25, 3.53125, 3.75, 3.859375, 4.03125, 4.25, 4.53125)
 
 
 QUICK_METHODS = ("full", "kivi2", "kivi4", "quanto2_kc", "mixkvq", "mixkvq_thr", "key_only", "query_only")

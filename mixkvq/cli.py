@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -78,7 +77,7 @@ def _positive(name: str):
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.harness import EvalSettings, evaluate
     from .eval.methods import FRONTIER_METHODS, FULL_METHODS, QUICK_METHODS, builtin_methods, resolve_methods
-    from .eval.report import continuations_table, frontier_checks, markdown_table, plot, save_json
+    from .eval.report import continuations_table, frontier_sections, markdown_table, plot, save_json
 
     base = _load_config(args.config)
     if args.threshold_config:
@@ -138,12 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results["seconds"] = round(time.time() - t0, 1)
     save_json(results, out / "results.json")
     table = markdown_table(results)
-    checks = ""
-    for allocator in ("rd", "rdl"):
-        if any(re.fullmatch(rf"{allocator}[0-9.]+", r["name"]) for r in results["results"]):
-            t, ok = frontier_checks(results, allocator=allocator)
-            checks += (f"## Frontier check: {allocator}<bits> against KIVI splits and MixKVQ tiers at the same or more bytes\n\n"
-                       f"{t}\nall met: {'yes' if ok else 'no'}\n\n")
+    checks = frontier_sections(results)
     (out / "results.md").write_text(
         f"# mixkvq eval\n\n`{results['command']}`\n\n{table}\n{checks}## Greedy continuations\n\n"
         f"Prompt (tail): {results['gen_prompt'][-300:]!r}\n\n{continuations_table(results)}"

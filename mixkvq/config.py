@@ -47,7 +47,8 @@ class MixKVQConfig:
         value_bit_ladder: value widths the ``rd`` allocator may choose per block.
         rd_value_weight: the ``rd`` error model's exchange rate between value and key errors
             (``E_val`` is multiplied by it, §8.3 step 2). 1 is the attention-output model as
-            derived; a model's perplexity may prefer another rate (``mixkvq calibrate --rd``).
+            derived; a model's perplexity may prefer another rate (docs/design.md, "The K/V
+            exchange rate").
         backend: backend name (``"numpy"``, ``"torch"``, ``"cupy"``) or None to use
             ``$MIXKVQ_BACKEND`` or the kind of the arrays passed in.
     """

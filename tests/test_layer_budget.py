@@ -119,8 +119,6 @@ def test_full_precision_layers_are_exact_and_counted_at_their_bytes(hf):
 
 
 def test_profile_on_the_embedded_model(hf):
-    import torch
-
     from mixkvq.eval.harness import capture_qkv
     from mixkvq.eval.layer_profile import profile_layers
 
@@ -142,4 +140,3 @@ def test_profile_on_the_embedded_model(hf):
     assert np.mean(picks) <= 4.03125 and len(set(picks)) >= 1
     with pytest.raises(ValueError, match="tier_mode='rd'"):
         profile_layers(model, [sample], captured, MixKVQConfig(), 256, grid=grid, progress=False)
-    del torch

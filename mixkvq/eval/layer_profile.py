@@ -81,8 +81,8 @@ def profile_layers(model: Any, samples: list[torch.Tensor], captured: dict[int, 
             pass
     for li in layers:
         total = n_tok = 0.0
+        others: dict[int, MixKVQConfig | None] = {j: None for j in range(n_layers) if j != li}
         for ids, ref in zip(samples, refs):
-            others: dict[int, MixKVQConfig | None] = {j: None for j in range(n_layers) if j != li}
             cache = MixKVQCache(probe_cfg, model_config=model.config, layer_configs=others)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)

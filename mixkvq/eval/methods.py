@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from ..config import MixKVQConfig
@@ -24,8 +25,8 @@ class Method:
         config: the MixKVQ config (kind ``"mixkvq"``).
         options: QuantizedCache options (``nbits``, ``q_group_size``, ``residual_length``).
         description: what the row is, for the table.
-        layer_configs: per-layer configs (kind ``"mixkvq"``), e.g. per-layer ``rd_bits``
-            from a :class:`~mixkvq.layer_budget.LayerProfile`.
+        layer_profile: for ``rd`` configs, a :class:`~mixkvq.layer_budget.LayerProfile` that
+            splits ``config.rd_bits`` across layers (see :attr:`layer_configs`).
     """
 
     name: str
@@ -33,14 +34,19 @@ class Method:
     config: MixKVQConfig | None = None
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
-    layer_configs: "dict[int, MixKVQConfig | None] | None" = None
+    layer_profile: "LayerProfile | None" = None
+
+    @cached_property
+    def layer_configs(self) -> "dict[int, MixKVQConfig] | None":
+        """Per-layer configs from :attr:`layer_profile` (None without one); solved on first use,
+        so building the catalogue stays cheap."""
+        if self.layer_profile is None or self.config is None:
+            return None
+        return self.layer_profile.layer_configs(self.config, self.config.rd_bits)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"name": self.name, "kind": self.kind, "description": self.description,
-               "config": self.config.to_dict() if self.config is not None else None, "options": dict(self.options)}
-        if self.layer_configs is not None:
-            out["layer_rd_bits"] = {str(i): (None if c is None else c.rd_bits) for i, c in sorted(self.layer_configs.items())}
-        return out
+        return {"name": self.name, "kind": self.kind, "description": self.description,
+                "config": self.config.to_dict() if self.config is not None else None, "options": dict(self.options)}
 
 
 def kivi(bits: int, group_size: int = 32, residual_length: int = 128) -> Method:
@@ -104,8 +110,7 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
                            description=f"rate-distortion allocation, {bits:g} true bits/element of quantized blocks")
         if layer_profile is not None and bits >= layer_profile.budgets[0]:
             name = f"rdl{bits:g}"
-            out[name] = Method(name, "mixkvq", rd_base.replace(rd_bits=bits),
-                               layer_configs=layer_profile.layer_configs(rd_base, bits),
+            out[name] = Method(name, "mixkvq", rd_base.replace(rd_bits=bits), layer_profile=layer_profile,
                                description=f"rd allocation with per-layer budgets from the layer profile, "
                                            f"{bits:g} true bits/element on average")
     return out

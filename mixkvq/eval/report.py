@@ -156,3 +156,14 @@ def frontier_checks(results: dict[str, Any], *, allocator: str = "rd", lo: float
         lines.append(f"| {c['name']} | {c['block_bits']:.3f} | {c['delta_ppl']:+.3f} | {c['kl']:.4f} | {a['name']} | "
                      f"{a['block_bits']:.3f} | {a['delta_ppl']:+.3f} | {a['kl']:.4f} | {target} | {'yes' if ok else '**no**'} |")
     return "\n".join(lines) + "\n", ok_all
+
+
+def frontier_sections(results: dict[str, Any], allocators: tuple[str, ...] = ("rd", "rdl")) -> str:
+    """Markdown: one :func:`frontier_checks` section per allocator with rows in ``results``."""
+    out = ""
+    for allocator in allocators:
+        if any(re.fullmatch(rf"{allocator}[0-9.]+", r["name"]) for r in results["results"]):
+            table, ok = frontier_checks(results, allocator=allocator)
+            out += (f"## Frontier check: {allocator}<bits> against KIVI splits and MixKVQ tiers at the same or more "
+                    f"bytes\n\n{table}\nall met: {'yes' if ok else 'no'}\n\n")
+    return out

@@ -119,6 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if v is not None:
             setattr(settings, field, v)
     settings.progress = not args.no_progress
+    settings.stepwise = args.stepwise
     try:
         settings.check()
     except ValueError as exc:
@@ -326,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--context-len", dest="context_len", type=_positive("--context-len"))
     e.add_argument("--score-len", dest="score_len", type=_positive("--score-len"))
     e.add_argument("--gen-tokens", dest="gen_tokens", type=int)
+    e.add_argument("--stepwise", action="store_true",
+                   help="score every sample one token at a time (default: only the first, which is timed; the rest "
+                        "in chunks that see exactly the same cache, several times faster)")
     e.add_argument("--out", default="mixkvq-eval", help="output folder (results.json, results.md, quality_vs_bits.png)")
     e.add_argument("--no-plot", action="store_true")
     e.add_argument("--no-progress", action="store_true")

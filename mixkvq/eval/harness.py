@@ -4,9 +4,13 @@ precision, per-layer attention error, memory and speed.
 Protocol (per method, same samples, same run):
 
 1. **Streaming perplexity.** Each sample is ``context + score`` tokens. The context is
-   prefilled through the cache in one forward pass; the ``score`` continuation is then fed
-   one token at a time, so every scored token attends to the quantized past exactly as in
-   deployment (blocks flush as the residual fills). NLL of each continuation token → ppl.
+   prefilled through the cache in one forward pass; the ``score`` continuation then follows
+   as in deployment: every scored token attends to the quantized past exactly as it would
+   token by token (blocks flush as the residual fills). The first ``timed_samples`` samples
+   are fed one token at a time (and timed); the others in the chunks of
+   :attr:`Method.exact_chunk_period`, which give each token the same view of the cache
+   (only the float summation order of the model's own matmuls differs). NLL of each
+   continuation token → ppl.
 2. **Agreement with full precision.** The full-precision run's next-token distributions are
    the reference: mean KL(full ‖ method) per token and top-1 agreement.
 3. **Per-layer attention-output relative error.** Q/K/V of every layer are captured once
@@ -51,6 +55,10 @@ class EvalSettings:
     probe_queries: int = 64
     seed: int = 0
     progress: bool = True
+    #: samples fed one token at a time (their decode steps are timed); the rest go in exact chunks
+    timed_samples: int = 1
+    #: feed every sample one token at a time (the slow reference of the chunked protocol)
+    stepwise: bool = False
 
     def check(self) -> None:
         for name in ("n_samples", "context_len", "score_len"):
@@ -58,6 +66,8 @@ class EvalSettings:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.score_len < 2:
             raise ValueError("score_len must be >= 2 (one prefill prediction and at least one decode step)")
+        if self.timed_samples < 1:
+            raise ValueError(f"timed_samples must be >= 1 (the decode speed is measured on them); got {self.timed_samples}")
         if self.gen_tokens < 0 or self.probe_queries < 1:
             raise ValueError("gen_tokens must be >= 0 and probe_queries >= 1")
 
@@ -121,20 +131,30 @@ def make_samples(tokenizer: Any, docs: list[str], settings: EvalSettings) -> lis
 
 
 @torch.no_grad()
-def stream(model: Any, cache: Any, ids: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Prefill ``ids[:, :context_len]`` through ``cache``, then feed the rest one token at a
-    time. Returns (log-probs ``(S, V)`` of the predictions for tokens ``context_len..``, the
-    target ids ``(S,)``, decode step times in seconds)."""
+def stream(model: Any, cache: Any, ids: torch.Tensor, context_len: int, *,
+           chunk_period: int | None = 1) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Prefill ``ids[:, :context_len]`` through ``cache``, then feed the rest.
+
+    With ``chunk_period=1`` (the deployment loop) the rest goes in one token at a time and
+    every step is timed. A larger period feeds it in chunks that end at multiples of the
+    period (``None``: one chunk); :func:`exact_chunk_period` gives the largest period with
+    which a cache sees exactly what it sees token by token. Returns (log-probs ``(S, V)`` of
+    the predictions for tokens ``context_len..``, the target ids ``(S,)``, decode step times
+    in seconds; empty when chunked)."""
     kw = _cache_kw(model)
     T = ids.shape[1]
     out = model(input_ids=ids[:, :context_len], use_cache=True, **{kw: cache})
     logps = [torch.log_softmax(out.logits[0, -1].float(), -1)]
     times = []
-    for t in range(context_len, T - 1):
+    t = context_len
+    while t < T - 1:
+        end = T - 1 if chunk_period is None else min(T - 1, (t // chunk_period + 1) * chunk_period)
         t0 = time.perf_counter()
-        out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: cache})
-        times.append(time.perf_counter() - t0)
-        logps.append(torch.log_softmax(out.logits[0, -1].float(), -1))
+        out = model(input_ids=ids[:, t:end], use_cache=True, **{kw: cache})
+        if chunk_period == 1:
+            times.append(time.perf_counter() - t0)
+        logps.extend(torch.log_softmax(out.logits[0].float(), -1).unbind(0))
+        t = end
     return torch.stack(logps), ids[0, context_len:], times
 
 
@@ -278,7 +298,8 @@ def evaluate(model: Any, tokenizer: Any, docs: list[str], methods: list[Method],
             cache = build_cache(method, model)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                logp, targets, t = stream(model, cache, ids, settings.context_len)
+                period = 1 if settings.stepwise or si < settings.timed_samples else method.exact_chunk_period
+                logp, targets, t = stream(model, cache, ids, settings.context_len, chunk_period=period)
             times.extend(t)
             nll_sum += float(-logp.gather(1, targets[:, None]).sum())
             n_tok += targets.numel()

@@ -68,9 +68,12 @@ def profile_layers(model: Any, samples: list[torch.Tensor], captured: dict[int, 
     head_dim = int(next(iter(captured.values()))[1].shape[-1])
     grid = tuple(sorted(float(b) for b in (grid if grid is not None else default_grid(base, head_dim))))
     n_layers = len(captured)
-    refs = [stream(model, DynamicCache(config=model.config), ids, context_len)[0] for ids in samples]
+    from .methods import Method
+
+    refs = [stream(model, DynamicCache(config=model.config), ids, context_len, chunk_period=None)[0] for ids in samples]
     kl = np.zeros(n_layers)
     probe_cfg = base.replace(rd_bits=grid[0])
+    period = Method("probe", "mixkvq", probe_cfg).exact_chunk_period
     layers = range(n_layers)
     if progress:
         try:
@@ -86,7 +89,7 @@ def profile_layers(model: Any, samples: list[torch.Tensor], captured: dict[int, 
             cache = MixKVQCache(probe_cfg, model_config=model.config, layer_configs=others)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                logp, _, _ = stream(model, cache, ids, context_len)
+                logp, _, _ = stream(model, cache, ids, context_len, chunk_period=period)
             total += float((ref.exp() * (ref - logp)).sum())
             n_tok += logp.shape[0]
         kl[li] = max(total / n_tok, 0.0)

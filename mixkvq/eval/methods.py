@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -43,6 +44,28 @@ class Method:
         if self.layer_profile is None or self.config is None:
             return None
         return self.layer_profile.layer_configs(self.config, self.config.rd_bits)
+
+    @property
+    def exact_chunk_period(self) -> int | None:
+        """The largest period ``P`` such that feeding tokens in chunks that end at multiples of
+        ``P`` gives this method's cache exactly what it sees token by token (``None``: any
+        chunk; ``1``: one token at a time).
+
+        A MixKVQ layer answers a forward with its history *as stored before the forward* plus
+        the forward's own tokens exact, and with block-window values it changes its storage
+        only when a block of ``residual_length`` tokens completes, i.e. at multiples of
+        ``R`` (query sums are integers, so their order does not matter either). A chunk that
+        ends at the next multiple of ``R`` therefore sees what each of its tokens would have
+        seen. Sliding values and foreign caches change storage every token: one at a time.
+        """
+        if self.kind == "full":
+            return None
+        if self.kind != "mixkvq" or self.config is None:
+            return 1
+        configs = [self.config, *(c for c in (self.layer_configs or {}).values() if c is not None)]
+        if any(c.value_window != "block" for c in configs):
+            return 1
+        return math.gcd(*(c.residual_length for c in configs))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "description": self.description,

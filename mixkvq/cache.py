@@ -16,6 +16,9 @@ from .dtypes import ITEMSIZE, dtype_name
 from .layout import KeyBlock, TierRows, ValueRows, decode_key_block, decode_values, encode_key_block, encode_values, nbytes_of
 from .validation import check_finite, check_float_tensor
 
+#: the parts of :meth:`KVCache.nbytes_breakdown` that are quantized storage
+QUANTIZED_PARTS = ("key_codes", "key_high", "key_meta", "tier_maps", "value_codes", "value_meta")
+
 
 @dataclass
 class CacheView:
@@ -457,6 +460,21 @@ class KVCache:
             return 0
         B, H, D = self._shape
         return 2 * B * H * self.seq_len * D
+
+    @property
+    def quantized_nbytes(self) -> int:
+        """Bytes of the quantized storage alone: codes, 16-bit channels, scales, zeros and tier
+        maps (no residual, no query statistics) — what a long context converges to."""
+        parts = self.nbytes_breakdown()
+        return sum(parts[p] for p in QUANTIZED_PARTS)
+
+    @property
+    def n_quantized_elements(self) -> int:
+        """K and V elements held in quantized storage (keys and values may flush apart)."""
+        if self._shape is None:
+            return 0
+        B, H, D = self._shape
+        return B * H * D * (self.n_quantized + sum(r.n_tokens for r in self._state.value_rows))
 
     @property
     def bits_per_element(self) -> float:

@@ -285,7 +285,8 @@ def _calibrate_layers(args: argparse.Namespace, base: Any, model: Any, tok: Any,
     captured = capture_qkv(model, torch.tensor([ids]))
     enable(model)
     try:
-        profile = profile_layers(model, samples, captured, base, args.tokens, progress=not args.no_progress,
+        profile = profile_layers(model, samples, captured, base, args.tokens, measure=args.layer_measure,
+                                 progress=not args.no_progress,
                                  log=lambda s: print(s, file=sys.stderr))
     except ValueError as exc:
         raise CLIError(str(exc)) from None
@@ -361,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--layers: samples streamed per layer probe")
     c.add_argument("--score-len", dest="score_len", type=_positive("--score-len"), default=64,
                    help="--layers: tokens decoded and scored per sample (after --tokens of context)")
+    c.add_argument("--layer-measure", choices=("kl", "scaled"), default="kl",
+                   help="--layers: measure each layer's KL at every grid budget (default), or at the lowest only and "
+                        "scale it by the attention error (about 11x cheaper, less accurate)")
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("-o", "--output", default="mixkvq-calibrated.json", help="config JSON (or, with --layers, layer profile) to write")
     c.set_defaults(func=cmd_calibrate)

@@ -236,6 +236,18 @@ def test_nbytes_is_the_sum_of_the_real_arrays():
         arrays += [rows.packed, rows.scale, rows.zero]
     assert cache.nbytes == sum(a.nbytes for a in arrays) == sum(cache.nbytes_breakdown().values())
     assert cache.bits_per_element == 8 * cache.nbytes / (2 * k.size)
+    residual_and_stats = sum(a.nbytes for a in arrays[:3])
+    assert cache.quantized_nbytes == cache.nbytes - residual_and_stats
+    assert cache.n_quantized_elements == 2 * k.size // 150 * 128  # four blocks of 32 of 150 tokens
+
+
+def test_sliding_values_count_their_own_quantized_elements():
+    k, v, q = stream(T=50)
+    cache = KVCache(small_config(value_window="sliding"))
+    cache.append(k, v, queries=q)  # keys: one block of 32; values: all but the last 32
+    B, H, _, D = k.shape
+    assert cache.n_quantized_elements == B * H * D * (32 + 18)
+    assert KVCache(small_config()).n_quantized_elements == 0 == KVCache(small_config()).quantized_nbytes
 
 
 # -- bad input: clear errors, cache unchanged -----------------------------------------------------

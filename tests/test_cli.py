@@ -100,14 +100,14 @@ def test_calibrate_layers_then_eval_rdl_rows(tmp_path, capsys, monkeypatch, patc
 
     monkeypatch.setattr(cli, "_model", lambda args: patched_model)
     prof = tmp_path / "layers.json"
-    rc = main(["calibrate", "--layers", "--tokens", "64", "--score-len", "3", "--n-samples", "1", "--start-doc", "5",
+    rc = main(["calibrate", "--layers", "--layer-measure", "scaled", "--tokens", "64", "--score-len", "3", "--n-samples", "1", "--start-doc", "5",
                "--no-progress", "-o", str(prof), "--config", _small_config(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "per-layer rd_bits" in out and "wrote" in out
     profile = LayerProfile.load(prof)
     assert profile.budgets[0] == 3.125 and profile.n_layers == patched_model[0].config.num_hidden_layers
-    assert profile.info["command"].startswith("mixkvq calibrate --layers")
+    assert profile.info["command"].startswith("mixkvq calibrate --layers") and profile.info["measure"] == "scaled"
     ev = tmp_path / "ev"
     rc = main(["eval", "--methods", "full,rd3.25,rdl3.25", "--n-samples", "1", "--context-len", "40", "--score-len", "3",
                "--gen-tokens", "0", "--out", str(ev), "--no-progress", "--no-plot", "--config", _small_config(tmp_path),

@@ -125,18 +125,45 @@ def test_profile_on_the_embedded_model(hf):
     model, tok, _ = hf
     text = "The history of the city begins with a small settlement on the river. " * 30
     ids = tok(text, return_tensors="pt")["input_ids"]
-    sample = ids[:, :262]
-    captured = capture_qkv(model, ids[:, :256])
+    sample = ids[:, :134]
+    captured = capture_qkv(model, ids[:, :128])
     grid = (3.03125, 4.03125, 6.03125)
-    profile = profile_layers(model, [sample], captured, MixKVQConfig(tier_mode="rd"), 256, grid=grid, probe=16,
-                             progress=False, log=lambda s: None)
-    assert profile.budgets == grid and profile.n_layers == model.config.num_hidden_layers
-    kl = profile.info["kl_at_probe"]
+    quiet = dict(probe=16, progress=False, log=lambda s: None)
+    scaled = profile_layers(model, [sample], captured, MixKVQConfig(tier_mode="rd"), 128, grid=grid,
+                            measure="scaled", **quiet)
+    assert scaled.budgets == grid and scaled.n_layers == model.config.num_hidden_layers
+    kl = scaled.info["kl_at_probe"]
     assert all(k >= 0 for k in kl) and max(kl) > 0
-    for row, k in zip(profile.loss, kl):
+    for row, k in zip(scaled.loss, kl):
         assert row[0] == pytest.approx(k)       # the probe budget's loss is the measured KL
         assert row[-1] <= row[0] + 1e-12        # 6 bits never predicted worse than 3
-    picks = profile.allocate(4.03125)
+    picks = scaled.allocate(4.03125)
     assert np.mean(picks) <= 4.03125 and len(set(picks)) >= 1
+
+    measured = profile_layers(model, [sample], captured, MixKVQConfig(tier_mode="rd"), 128, grid=grid[::2], **quiet)
+    raw = np.array(measured.info["kl"])
+    assert measured.info["measure"] == "kl" and raw.shape == (model.config.num_hidden_layers, 2)
+    assert np.allclose(raw[:, 0], kl)           # the same runs as the scaled profile's probe
+    assert np.array_equal(np.array(measured.loss), np.minimum.accumulate(raw, axis=1))
+    assert (raw[:, 1] < raw[:, 0]).mean() > 0.8  # 6 bits hurt less than 3 in nearly every layer
+    # the profile reuses the exact prefill's Q/K/V; streaming the whole sample gives the same KL
+    import torch
+    from transformers import DynamicCache
+
+    from mixkvq.eval.harness import stream
+    from mixkvq.integrations.transformers import MixKVQCache
+
+    n = model.config.num_hidden_layers
+    layer = int(np.argmax(raw[:, 0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ref, _, _ = stream(model, DynamicCache(config=model.config), sample, 128)
+        cache = MixKVQCache(MixKVQConfig(tier_mode="rd", rd_bits=grid[0]), model_config=model.config,
+                            layer_configs={j: None for j in range(n) if j != layer})
+        logp, _, _ = stream(model, cache, sample, 128)
+    direct = float((ref.exp() * (ref - logp)).sum()) / ref.shape[0]
+    assert direct > 0 and raw[layer, 0] == pytest.approx(direct, rel=1e-3, abs=1e-7)
     with pytest.raises(ValueError, match="tier_mode='rd'"):
-        profile_layers(model, [sample], captured, MixKVQConfig(), 256, grid=grid, progress=False)
+        profile_layers(model, [sample], captured, MixKVQConfig(), 128, grid=grid, progress=False)
+    with pytest.raises(ValueError, match="measure must be"):
+        profile_layers(model, [sample], captured, MixKVQConfig(tier_mode="rd"), 128, grid=grid, measure="guess")

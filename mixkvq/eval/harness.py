@@ -137,16 +137,27 @@ def stream(model: Any, cache: Any, ids: torch.Tensor, context_len: int, *,
 
     With ``chunk_period=1`` (the deployment loop) the rest goes in one token at a time and
     every step is timed. A larger period feeds it in chunks that end at multiples of the
-    period (``None``: one chunk); :func:`exact_chunk_period` gives the largest period with
-    which a cache sees exactly what it sees token by token. Returns (log-probs ``(S, V)`` of
-    the predictions for tokens ``context_len..``, the target ids ``(S,)``, decode step times
-    in seconds; empty when chunked)."""
+    period (``None``: one chunk); :attr:`Method.exact_chunk_period` gives the largest period
+    with which a cache sees exactly what it sees token by token. Returns (log-probs ``(S, V)``
+    of the predictions for tokens ``context_len..``, the target ids ``(S,)``, decode step
+    times in seconds; empty when chunked)."""
+    out = model(input_ids=ids[:, :context_len], use_cache=True, **{_cache_kw(model): cache})
+    first = torch.log_softmax(out.logits[0, -1].float(), -1)
+    rest, times = continue_stream(model, cache, ids, context_len, chunk_period=chunk_period)
+    return torch.cat([first[None], rest]), ids[0, context_len:], times
+
+
+@torch.no_grad()
+def continue_stream(model: Any, cache: Any, ids: torch.Tensor, start: int, *,
+                    chunk_period: int | None = 1) -> tuple[torch.Tensor, list[float]]:
+    """Feed ``ids[:, start:-1]`` to a cache that already holds ``ids[:, :start]`` (chunked as in
+    :func:`stream`); returns the log-probs ``(T - 1 - start, V)`` of the predictions for tokens
+    ``start + 1..`` and the step times (token by token only)."""
     kw = _cache_kw(model)
     T = ids.shape[1]
-    out = model(input_ids=ids[:, :context_len], use_cache=True, **{kw: cache})
-    logps = [torch.log_softmax(out.logits[0, -1].float(), -1)]
+    logps: list[torch.Tensor] = []
     times = []
-    t = context_len
+    t = start
     while t < T - 1:
         end = T - 1 if chunk_period is None else min(T - 1, (t // chunk_period + 1) * chunk_period)
         t0 = time.perf_counter()
@@ -155,7 +166,8 @@ def stream(model: Any, cache: Any, ids: torch.Tensor, context_len: int, *,
             times.append(time.perf_counter() - t0)
         logps.extend(torch.log_softmax(out.logits[0].float(), -1).unbind(0))
         t = end
-    return torch.stack(logps), ids[0, context_len:], times
+    V = int(model.config.vocab_size)
+    return (torch.stack(logps) if logps else torch.zeros(0, V)), times
 
 
 @torch.no_grad()

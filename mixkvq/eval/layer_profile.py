@@ -1,18 +1,21 @@
 """Measure a :class:`~mixkvq.layer_budget.LayerProfile` on a real model (``mixkvq calibrate --layers``).
 
-Two measurements, combined under one assumption:
+The loss of layer ``l`` at budget ``b`` is the KL to the full-precision next-token
+distributions when only layer ``l`` is quantized (``rd`` at ``b``, every other layer full
+precision), on the calibration samples streamed as eval streams them. Contributions are
+assumed to add over layers (the usual small-perturbation assumption), which is what lets
+:meth:`~mixkvq.layer_budget.LayerProfile.allocate` split one budget across layers.
 
-1. *Sensitivity*: for every layer ``l``, the model streams the calibration samples with only
-   layer ``l`` quantized (``rd`` at the probe budget, the lowest of the grid; every other
-   layer full precision) and the KL to the full-precision next-token distributions is
-   recorded: ``KL_l``.
-2. *Distortion curves*: on the Q/K/V captured from one full-precision pass, each layer's
-   relative attention-output error ``e_l(b)`` at every grid budget ``b`` (cheap: no model
-   forward per budget).
+Two ways to get it:
 
-Assumption (the usual small-perturbation one): a layer's contribution to the KL is
-proportional to its squared attention error, and contributions add over layers. So the
-predicted loss of layer ``l`` at ``b`` is ``KL_l * (e_l(b) / e_l(b_probe))^2``.
+* ``measure="kl"`` (default): the KL is measured at every grid budget (``L x G`` streamed
+  runs per sample). The curve is then made non-increasing in ``b`` (a running minimum),
+  so sampling noise cannot make the allocator pay more bits for a predicted loss it
+  already had at fewer.
+* ``measure="scaled"`` (``G`` times cheaper): the KL is measured at the lowest budget only
+  and carried to the others by the layer's relative attention-output error ``e_l(b)`` on
+  captured Q/K/V, ``KL_l * (e_l(b) / e_l(b_probe))^2`` — assumes a layer's KL grows as its
+  squared attention error, which held poorly at the middle budgets (docs/design.md).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 from ..config import MixKVQConfig
 from ..layer_budget import QUANTUM, LayerProfile
-from .harness import attention_errors, stream
+from .harness import attention_errors, capture_qkv, continue_stream, stream
 
 #: the default budget grid, as offsets from the config's lowest feasible rd_bits (for G=32,
 #: R=128, D=64: 3.03125, the KIVI-2 point, then the other KIVI splits' bytes and midpoints, to 6.03)
@@ -44,64 +47,89 @@ def default_grid(config: MixKVQConfig, head_dim: int) -> tuple[float, ...]:
     return tuple(low + d for d in GRID_OFFSETS)
 
 
+def _layer_kl(model: Any, samples: list[torch.Tensor], refs: list[torch.Tensor],
+              prefills: list[dict[int, tuple[torch.Tensor, ...]]], config: MixKVQConfig, layer: int,
+              context_len: int) -> float:
+    """Mean next-token KL(full || quantized) per scored token with only ``layer`` quantized.
+
+    The prefill attends to its own tokens exactly, so its Q/K/V are those of the
+    full-precision run: the cache is filled from ``prefills`` (captured once per sample)
+    instead of running the prefill forward again, and only the continuation is streamed."""
+    from ..integrations.transformers import MixKVQCache, MixKVQLayer
+    from .methods import Method
+
+    period = Method("probe", "mixkvq", config).exact_chunk_period
+    others: dict[int, MixKVQConfig | None] = {j: None for j in range(len(prefills[0])) if j != layer}
+    total = n_tok = 0.0
+    for ids, ref, qkv in zip(samples, refs, prefills):
+        cache = MixKVQCache(config, model_config=model.config, layer_configs=others)
+        for li in sorted(qkv):
+            q, k, v = qkv[li]
+            cache.update(k, v, li)
+            if isinstance(cache.layers[li], MixKVQLayer):
+                cache.layers[li].observe(q)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            logp, _ = continue_stream(model, cache, ids, context_len, chunk_period=period)
+        ref_rest = ref[1:]  # the first prediction comes from the exact prefill: KL 0
+        total += float((ref_rest.exp() * (ref_rest - logp)).sum())
+        n_tok += ref.shape[0]
+    return max(total / n_tok, 0.0)
+
+
 @torch.no_grad()
 def profile_layers(model: Any, samples: list[torch.Tensor], captured: dict[int, tuple[torch.Tensor, ...]],
                    base: MixKVQConfig, context_len: int, *, grid: "tuple[float, ...] | None" = None, probe: int = 64,
-                   progress: bool = True, log: Callable[[str], None] = print) -> LayerProfile:
+                   measure: str = "kl", progress: bool = True, log: Callable[[str], None] = print) -> LayerProfile:
     """Per-layer loss curves of ``base`` (an ``rd`` config) over ``grid``.
 
     Args:
         model: a transformers causal LM with the ``"mixkvq"`` attention enabled.
         samples: token id tensors ``(1, T)``; the first ``context_len`` tokens are prefilled,
-            the rest decoded one at a time and scored (the eval protocol).
-        captured: :func:`~mixkvq.eval.harness.capture_qkv` of calibration text (distortion curves).
+            the rest scored (the eval protocol).
+        captured: :func:`~mixkvq.eval.harness.capture_qkv` of calibration text (the
+            attention-error curves, recorded in ``info`` and used by ``measure="scaled"``).
         base: the ``rd`` config whose ``rd_bits`` the profile will set per layer.
-        grid: ascending ``rd_bits`` to profile (default :func:`default_grid`); the first is the
-            probe budget of the sensitivity pass.
+        grid: ascending ``rd_bits`` to profile (default :func:`default_grid`).
+        probe: probe queries of the attention-error curves.
+        measure: ``"kl"`` (the KL at every budget) or ``"scaled"`` (at the lowest, carried to the
+            others by the attention error); see the module docstring.
     """
     from transformers import DynamicCache
 
-    from ..integrations.transformers import MixKVQCache
-
     if base.tier_mode != "rd":
         raise ValueError("a layer profile sets rd_bits per layer: pass a config with tier_mode='rd'")
+    if measure not in ("kl", "scaled"):
+        raise ValueError(f"measure must be 'kl' or 'scaled'; got {measure!r}")
     head_dim = int(next(iter(captured.values()))[1].shape[-1])
     grid = tuple(sorted(float(b) for b in (grid if grid is not None else default_grid(base, head_dim))))
     n_layers = len(captured)
-    from .methods import Method
-
     refs = [stream(model, DynamicCache(config=model.config), ids, context_len, chunk_period=None)[0] for ids in samples]
-    kl = np.zeros(n_layers)
-    probe_cfg = base.replace(rd_bits=grid[0])
-    period = Method("probe", "mixkvq", probe_cfg).exact_chunk_period
-    layers = range(n_layers)
+    prefills = [capture_qkv(model, ids[:, :context_len]) for ids in samples]
+    measured = grid if measure == "kl" else grid[:1]
+    runs = [(li, b) for li in range(n_layers) for b in measured]
     if progress:
         try:
             from tqdm.auto import tqdm
 
-            layers = tqdm(layers, desc="layer sensitivity", unit="layer")
+            runs = tqdm(runs, desc="layer sensitivity", unit="run")
         except ImportError:
             pass
-    for li in layers:
-        total = n_tok = 0.0
-        others: dict[int, MixKVQConfig | None] = {j: None for j in range(n_layers) if j != li}
-        for ids, ref in zip(samples, refs):
-            cache = MixKVQCache(probe_cfg, model_config=model.config, layer_configs=others)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                logp, _, _ = stream(model, cache, ids, context_len, chunk_period=period)
-            total += float((ref.exp() * (ref - logp)).sum())
-            n_tok += logp.shape[0]
-        kl[li] = max(total / n_tok, 0.0)
+    kl = np.zeros((n_layers, len(measured)))
+    for li, b in runs:
+        kl[li, measured.index(b)] = _layer_kl(model, samples, refs, prefills, base.replace(rd_bits=b), li, context_len)
         if not progress:
-            log(f"  layer {li}: KL {kl[li]:.5f} at {grid[0]} bits")
+            log(f"  layer {li}: KL {kl[li, measured.index(b)]:.5f} at {b} bits")
     errs = np.array([attention_errors(base.replace(rd_bits=b), captured, probe)[0] for b in grid]).T  # (L, G)
-    ratio = np.divide(errs, errs[:, :1], out=np.zeros_like(errs), where=errs[:, :1] > 0)
-    loss = kl[:, None] * ratio**2
-    info = {"probe_budget": grid[0], "kl_at_probe": kl.tolist(), "attn_err": errs.tolist(),
-            "samples": len(samples), "context_len": context_len,
+    if measure == "kl":
+        loss = np.minimum.accumulate(kl, axis=1)
+    else:
+        ratio = np.divide(errs, errs[:, :1], out=np.zeros_like(errs), where=errs[:, :1] > 0)
+        loss = kl * ratio**2
+    info = {"measure": measure, "probe_budget": grid[0], "kl_at_probe": kl[:, 0].tolist(), "kl": kl.tolist(),
+            "attn_err": errs.tolist(), "samples": len(samples), "context_len": context_len,
             "scored_tokens_per_sample": int(samples[0].shape[1] - context_len), "base_config": base.to_dict()}
-    return LayerProfile(grid, tuple(tuple(r) for r in loss), info)
+    return LayerProfile(grid, tuple(tuple(float(x) for x in r) for r in loss), info)
 
 
 __all__ = ["profile_layers", "default_grid", "GRID_OFFSETS"]

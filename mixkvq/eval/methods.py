@@ -213,7 +213,7 @@ def cache_stats(cache: Any) -> dict[str, float]:
 
     if isinstance(cache, MixKVQCache):
         return {"nbytes": cache.nbytes, "bits_per_element": cache.bits_per_element, "nominal_bits": cache.nominal_bits,
-                "block_bits": _mixkvq_block_bits(cache)}
+                "block_bits": cache.block_bits}
     nbytes = elements = 0
     nominal = None
     for layer in cache.layers:
@@ -239,24 +239,3 @@ def cache_stats(cache: Any) -> dict[str, float]:
             q_elements += 2 * B * H * max(layer.get_seq_length() - r, 0) * D
     return {"nbytes": nbytes, "bits_per_element": 8.0 * nbytes / elements if elements else 0.0,
             "nominal_bits": nominal or 0.0, "block_bits": 8.0 * q_bytes / q_elements if q_elements else float("nan")}
-
-
-_QUANTIZED_PARTS = ("key_codes", "key_high", "key_meta", "tier_maps", "value_codes", "value_meta")
-
-
-def _mixkvq_block_bits(cache: Any) -> float:
-    """True bits per element of the quantized storage alone (codes, metadata, tier maps,
-    16-bit channels) — what a long context converges to, without the residual. Layers kept in
-    full precision count at their real bytes."""
-    full = cache._full_layer_tensors()
-    bits = 8 * sum(t.numel() * t.element_size() for t in full)
-    elements = sum(t.numel() for t in full)
-    for kv in cache.kv_caches:
-        if kv.seq_len == 0:
-            continue
-        parts = kv.nbytes_breakdown()
-        bits += 8 * sum(parts[p] for p in _QUANTIZED_PARTS)
-        B, H, D = (int(x) for x in kv._shape)
-        n_values = sum(r.n_tokens for r in kv.value_rows)
-        elements += B * H * D * (kv.n_quantized + n_values)
-    return bits / elements if elements else float("nan")

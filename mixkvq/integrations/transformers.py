@@ -308,6 +308,16 @@ class MixKVQCache(Cache):
         return 8.0 * self.nbytes / n if n else 0.0
 
     @property
+    def block_bits(self) -> float:
+        """True bits per element of the quantized storage alone (codes, metadata, tier maps,
+        16-bit channels; no residual) — what a long context converges to and what ``rd_bits``
+        budgets. Full-precision layers count at their real bytes. NaN before any block."""
+        full = self._full_layer_tensors()
+        bits = 8 * (sum(t.numel() * t.element_size() for t in full) + sum(c.quantized_nbytes for c in self.kv_caches))
+        elements = sum(t.numel() for t in full) + sum(c.n_quantized_elements for c in self.kv_caches)
+        return bits / elements if elements else float("nan")
+
+    @property
     def nominal_bits(self) -> float:
         """Code bits per quantized element, averaged over layers weighted by their tokens."""
         num = den = 0.0

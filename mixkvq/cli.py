@@ -60,6 +60,10 @@ def _threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
+#: the embedded model's layer profile (`mixkvq calibrate --layers`), for the rdl<bits> rows
+PACKAGED_LAYER_PROFILE = Path(__file__).parent / "eval" / "layer_profile_smollm2.json"
+
+
 def _positive(name: str):
     def conv(s: str) -> int:
         try:
@@ -91,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.layer_profile:
         profile_path = args.layer_profile
     elif args.model is None and args.config is None:  # measured on the embedded model (`calibrate --layers`)
-        profile_path = str(Path(__file__).parent / "eval" / "layer_profile_smollm2.json")
+        profile_path = str(PACKAGED_LAYER_PROFILE)
     else:
         profile_path = None
     profile = None
@@ -386,8 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             from .layer_budget import LayerProfile
 
-            packaged = Path(__file__).parent / "eval" / "layer_profile_smollm2.json"
-            profile = LayerProfile.load(packaged) if packaged.is_file() else None
+            profile = LayerProfile.load(PACKAGED_LAYER_PROFILE) if PACKAGED_LAYER_PROFILE.is_file() else None
             for name, m in builtin_methods(layer_profile=profile).items():
                 print(f"{name:12s} {m.description}")
             return 0

@@ -107,7 +107,7 @@ def profile_layers(model: Any, samples: list[torch.Tensor], captured: dict[int, 
     refs = [stream(model, DynamicCache(config=model.config), ids, context_len, chunk_period=None)[0] for ids in samples]
     prefills = [capture_qkv(model, ids[:, :context_len]) for ids in samples]
     measured = grid if measure == "kl" else grid[:1]
-    runs = [(li, b) for li in range(n_layers) for b in measured]
+    runs = [(li, gi) for li in range(n_layers) for gi in range(len(measured))]
     if progress:
         try:
             from tqdm.auto import tqdm
@@ -116,10 +116,10 @@ def profile_layers(model: Any, samples: list[torch.Tensor], captured: dict[int, 
         except ImportError:
             pass
     kl = np.zeros((n_layers, len(measured)))
-    for li, b in runs:
-        kl[li, measured.index(b)] = _layer_kl(model, samples, refs, prefills, base.replace(rd_bits=b), li, context_len)
+    for li, gi in runs:
+        kl[li, gi] = _layer_kl(model, samples, refs, prefills, base.replace(rd_bits=measured[gi]), li, context_len)
         if not progress:
-            log(f"  layer {li}: KL {kl[li, measured.index(b)]:.5f} at {b} bits")
+            log(f"  layer {li}: KL {kl[li, gi]:.5f} at {measured[gi]} bits")
     errs = np.array([attention_errors(base.replace(rd_bits=b), captured, probe)[0] for b in grid]).T  # (L, G)
     if measure == "kl":
         loss = np.minimum.accumulate(kl, axis=1)

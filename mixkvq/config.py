@@ -47,8 +47,8 @@ class MixKVQConfig:
         value_bit_ladder: value widths the ``rd`` allocator may choose per block.
         rd_value_weight: the ``rd`` error model's exchange rate between value and key errors
             (``E_val`` is multiplied by it, §8.3 step 2). 1 is the attention-output model as
-            derived; a model's perplexity may prefer another rate (docs/design.md, "The K/V
-            exchange rate").
+            derived; the default 2 is the rate perplexity prefers on held-out text of the
+            embedded model (docs/design.md, "The K/V exchange rate").
         backend: backend name (``"numpy"``, ``"torch"``, ``"cupy"``) or None to use
             ``$MIXKVQ_BACKEND`` or the kind of the arrays passed in.
     """
@@ -69,7 +69,7 @@ class MixKVQConfig:
     rd_bits: float = 3.5
     bit_ladder: tuple[int, ...] = (2, 3, 4, 8, 16)
     value_bit_ladder: tuple[int, ...] = (2, 3, 4)
-    rd_value_weight: float = 1.0
+    rd_value_weight: float = 2.0
     _policy: SaliencePolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -83,7 +83,8 @@ def cases() -> Iterator[tuple[str, str, dict[str, Any], dict[str, np.ndarray]]]:
     tau_mid, tau_high = float(ranked[len(ranked) // 2]), float(np.nextafter(ranked[-3], np.float32(0)))
     yield "cache_query_only_threshold", "cache", {**base, "policy": "query_only", "tier_mode": "threshold",
                                                   "thresholds": [tau_high, tau_mid]}, inputs
-    yield "cache_rd", "cache", {**base, "tier_mode": "rd", "rd_bits": 4.0}, inputs
+    # rd cases pin the exchange rate so that a change of its default never moves a vector
+    yield "cache_rd", "cache", {**base, "tier_mode": "rd", "rd_bits": 4.0, "rd_value_weight": 1.0}, inputs
     yield "cache_rd_value_weight", "cache", {**base, "tier_mode": "rd", "rd_bits": 4.0, "rd_value_weight": 20.0}, inputs
     # rd with exact gain ties (duplicated channels and heads), 16-bit channels and a value
     # width that moves off the bottom of its ladder.
@@ -96,7 +97,8 @@ def cases() -> Iterator[tuple[str, str, dict[str, Any], dict[str, np.ndarray]]]:
     qt[:, n_rep:2 * n_rep] = qt[:, :n_rep]
     vt = v.copy()
     vt[:, 1] = vt[:, 0]
-    yield "cache_rd_ties", "cache", {**base, "tier_mode": "rd", "rd_bits": 5.2, "bit_ladder": [2, 4, 8, 16], "high_dtype": "float16"}, \
+    yield "cache_rd_ties", "cache", {**base, "tier_mode": "rd", "rd_bits": 5.2, "bit_ladder": [2, 4, 8, 16], "high_dtype": "float16",
+                                "rd_value_weight": 1.0}, \
         {"keys": kt, "values": vt, "queries": qt}
 
 

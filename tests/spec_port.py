@@ -425,7 +425,7 @@ CONFIG_DEFAULTS = {
     "rd_bits": 3.5,
     "bit_ladder": (2, 3, 4, 8, 16),
     "value_bit_ladder": (2, 3, 4),
-    "rd_value_weight": 1.0,
+    "rd_value_weight": 2.0,
 }
 
 

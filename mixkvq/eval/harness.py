@@ -81,6 +81,8 @@ class MethodResult:
     reason: str = ""
     ppl: float = float("nan")
     nll: float = float("nan")
+    #: mean NLL of each sample's scored tokens (all samples score the same count), for paired comparisons
+    nll_per_sample: list[float] = field(default_factory=list)
     kl: float = float("nan")
     top1: float = float("nan")
     nbytes: float = float("nan")
@@ -313,7 +315,9 @@ def evaluate(model: Any, tokenizer: Any, docs: list[str], methods: list[Method],
                 period = 1 if settings.stepwise or si < settings.timed_samples else method.exact_chunk_period
                 logp, targets, t = stream(model, cache, ids, settings.context_len, chunk_period=period)
             times.extend(t)
-            nll_sum += float(-logp.gather(1, targets[:, None]).sum())
+            sample_nll = float(-logp.gather(1, targets[:, None]).sum())
+            res.nll_per_sample.append(sample_nll / targets.numel())
+            nll_sum += sample_nll
             n_tok += targets.numel()
             if method.kind == "full":
                 ref_logps.append(logp)

@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def _f(x: Any, fmt: str) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -124,6 +126,20 @@ def _is_kivi_split(name: str) -> bool:
     return name in ("kivi2", "kivi3", "kivi4") or (name.startswith("kivi_k") and "_g" not in name)
 
 
+def paired_nll_difference(a: dict[str, Any], b: dict[str, Any]) -> "tuple[float, float] | None":
+    """Mean and standard error over samples of ``a``'s minus ``b``'s per-sample NLL (nats per
+    token), or None when either row lacks ``nll_per_sample`` or they scored different samples.
+
+    Both rows score the same tokens, so the pairing removes the text's own variance: this is
+    the uncertainty of the comparison, not of either perplexity.
+    """
+    x, y = a.get("nll_per_sample") or [], b.get("nll_per_sample") or []
+    if len(x) != len(y) or len(x) < 2:
+        return None
+    d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
+
+
 def frontier_checks(results: dict[str, Any], *, allocator: str = "rd", lo: float = 3.0, hi: float = 4.6,
                     tier_margin: float = 0.25) -> tuple[str, bool]:
     """An allocator's rows (``<allocator><bits>``, e.g. ``rd3.5``) against every KIVI split and
@@ -132,19 +148,23 @@ def frontier_checks(results: dict[str, Any], *, allocator: str = "rd", lo: float
     Each competitor with ``b`` block bits is compared with the allocator row of the largest
     budget ``<= b`` (same or fewer bytes): its Δppl must be ``<=`` the competitor's, and for
     the default MixKVQ tiers (:data:`DEFAULT_TIERS`) at least ``tier_margin`` lower. Returns a markdown table and whether
-    every row passed (False when there is nothing to compare).
+    every row passed (False when there is nothing to compare). The "paired ΔNLL" column is
+    :func:`paired_nll_difference` of the allocator row minus the competitor (× 1000, ± one
+    standard error) where both rows carry per-sample NLLs; it says whether a pass or a miss
+    is larger than the sampling noise of the comparison.
     """
     rows = [r for r in results["results"] if r["available"] and r.get("block_bits") is not None
             and r.get("delta_ppl") is not None]
     alloc = sorted((r for r in rows if re.fullmatch(rf"{allocator}[0-9.]+", r["name"])), key=lambda r: r["block_bits"])
     comps = [r for r in rows if (_is_kivi_split(r["name"]) or r["name"] in TIER_SETTINGS) and lo <= r["block_bits"] <= hi]
-    lines = ["| competitor | block bits | Δppl | KL | allocator row (≤ bytes) | block bits | Δppl | KL | target | met |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| competitor | block bits | Δppl | KL | allocator row (≤ bytes) | block bits | Δppl | KL | target | met "
+             "| paired ΔNLL ×1000 (± SE) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     ok_all = bool(comps) and bool(alloc)
     for c in sorted(comps, key=lambda r: (r["block_bits"], r["name"])):
         below = [a for a in alloc if a["block_bits"] <= c["block_bits"] + 1e-9]
         if not below:
-            lines.append(f"| {c['name']} | {c['block_bits']:.3f} | {c['delta_ppl']:+.3f} | {c['kl']:.4f} | – | | | | | no row |")
+            lines.append(f"| {c['name']} | {c['block_bits']:.3f} | {c['delta_ppl']:+.3f} | {c['kl']:.4f} | – | | | | | no row | |")
             ok_all = False
             continue
         a = below[-1]
@@ -153,8 +173,11 @@ def frontier_checks(results: dict[str, Any], *, allocator: str = "rd", lo: float
         ok = a["delta_ppl"] <= bound
         ok_all &= ok
         target = f"≤ {1 - tier_margin:.2f}× ({bound:+.3f})" if tier else f"≤ {bound:+.3f}"
+        paired = paired_nll_difference(a, c)
+        paired_s = f"{1000 * paired[0]:+.2f} ± {1000 * paired[1]:.2f}" if paired else "–"
         lines.append(f"| {c['name']} | {c['block_bits']:.3f} | {c['delta_ppl']:+.3f} | {c['kl']:.4f} | {a['name']} | "
-                     f"{a['block_bits']:.3f} | {a['delta_ppl']:+.3f} | {a['kl']:.4f} | {target} | {'yes' if ok else '**no**'} |")
+                     f"{a['block_bits']:.3f} | {a['delta_ppl']:+.3f} | {a['kl']:.4f} | {target} | {'yes' if ok else '**no**'} "
+                     f"| {paired_s} |")
     return "\n".join(lines) + "\n", ok_all
 
 

@@ -378,15 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recorded_command(argv: Sequence[str]) -> str:
-    """The command line as results record it: an absolute output path is cut to its name,
-    since where a run wrote its files says nothing about what it measured."""
-    out, take = [], False
-    for a in argv:
-        if take and os.path.isabs(a):
-            a = "<dir>/" + os.path.basename(a.rstrip("/"))
-        take = a in ("--out", "-o", "--output")
-        out.append(a)
-    return "mixkvq " + " ".join(out)
+    """The command line as results record it: absolute paths (output folders, configs) are cut
+    to ``<dir>/<name>``, since where one machine keeps its files says nothing about what a
+    run measured; relative paths (the repository's own files) stay as given."""
+    return "mixkvq " + " ".join("<dir>/" + os.path.basename(a.rstrip("/")) if os.path.isabs(a) else a for a in argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -76,6 +76,7 @@ def test_eval_and_calibrate_end_to_end(tmp_path, capsys, monkeypatch, patched_mo
     assert "| kivi2 |" in table and "| mixkvq |" in table
     res = json.loads((out / "results.json").read_text())
     assert str(tmp_path) not in res["command"] and "--out <dir>/ev " in res["command"]
+    assert res["command"].endswith("--config <dir>/small.json")
     rows = {r["name"]: r for r in res["results"]}
     assert rows["full"]["kl"] == 0 and rows["kivi2"]["bits_per_element"] < rows["full"]["bits_per_element"]
     assert (out / "quality_vs_bits.png").stat().st_size > 1000 and (out / "results.md").exists()

@@ -224,7 +224,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     try:
         loc = locate_model(args.model)
         info["model"] = loc.describe()
-        info["model_path"] = str(loc.folder / loc.gguf_file) if loc.gguf_file else str(loc.folder)
+        info["model_path"] = str(loc.path)
     except DataError as exc:
         info["model"] = f"unavailable: {exc}"
     try:

@@ -52,12 +52,17 @@ class ModelLocation:
     gguf_file: str | None = None
     package: str | None = None
 
+    @property
+    def path(self) -> Path:
+        """The checkpoint on disk: the GGUF file, or the folder."""
+        return self.folder / self.gguf_file if self.gguf_file else self.folder
+
     def describe(self) -> str:
         """The model as results record it: package and file for the embedded model (no
         machine-specific install path), else the local path."""
         if self.package is not None:
-            return f"{self.package} package: {self.gguf_file or self.folder.name}"
-        return str(self.folder / self.gguf_file) if self.gguf_file else str(self.folder)
+            return f"{self.package} package: {self.path.name}"
+        return str(self.path)
 
 
 def default_model_location() -> ModelLocation:

@@ -48,9 +48,10 @@ def main(argv: "list[str] | None" = None) -> int:
     docs = load_documents(args.text)[args.start_doc:]
     if not docs:
         p.error(f"--start-doc {args.start_doc} leaves no documents")
-    base = builtin_methods()["rd4.03125"].config
+    catalog = builtin_methods()
+    base = catalog["rd4.03125"].config
     weights, budgets = _floats(args.weights), _floats(args.budgets)
-    methods = [builtin_methods()["full"]]
+    methods = [catalog["full"]]
     for lam in weights:
         for bits in budgets:
             cfg: MixKVQConfig = base.replace(rd_bits=bits, rd_value_weight=lam)

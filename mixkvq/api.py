@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backend import Backend, array_kind, convert_like, get_backend
-from .dtypes import META_DTYPES, OUT_DTYPES, canonical_dtype, dtype_name
-from .layout import n_groups, nbytes_of, row_bytes
+from .dtypes import canonical_dtype, dtype_name
+from .format import META_DTYPES, OUT_DTYPES, n_groups, row_bytes
+from .layout import nbytes_of
 from .validation import (as_int, check_array, check_bits, check_codes, check_finite, check_float_tensor,
                          check_positive_int, normalize_axis)
 

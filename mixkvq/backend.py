@@ -20,6 +20,8 @@ import importlib
 import os
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+from .format import HIGH_BITS
+
 ENV_VAR = "MIXKVQ_BACKEND"
 
 
@@ -90,8 +92,38 @@ class Backend(Protocol):
     def assign_threshold(self, salience: Any, tau_high: float, tau_mid: float, tier_bits: Sequence[int]) -> Any:
         """§8 threshold mode -> uint8 tier map ``(B, H, D)``."""
 
-    def attention(self, q: Any, view: Any, *, scale: float, causal: bool) -> Any:
-        """softmax(q K^T * scale) V over a :class:`mixkvq.cache.CacheView` -> float32 ``q.shape``."""
+    def encode_key_block(self, keys: Any, tier_map: Any, widths: Sequence[int], group_size: int, meta_dtype: str,
+                         high_dtype: str, name: str) -> "dict[int, tuple[Any, Any, Any]]":
+        """§6: a key block ``keys (B, H, R, D)`` by its tier map -> ``{width: (packed, scale,
+        zero)}`` for every width of ``widths`` (16-bit rows: ``(packed, None, None)``); rows
+        of a width in ``(b, h, d)`` order. :class:`BackendBase` composes it from ``quantize``
+        and ``encode_half``; a backend may do it in one call."""
+
+    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool) -> Any:
+        """softmax(q K^T * scale) V over a :class:`mixkvq.state.Storage` read with a
+        :class:`mixkvq.layout.PackedLayout` -> float32 ``q.shape``. Query ``i`` of ``Tq`` sits
+        at position ``T - Tq + i`` and, when causal, sees positions up to its own."""
+
+
+class BackendBase:
+    """Default implementations of the composite ops, written on the primitive ones.
+
+    A backend subclasses this and overrides what it can do faster natively (one kernel for a
+    whole key block, say); the defaults are the spec's composition, so they are right for any
+    backend whose primitives are.
+    """
+
+    def encode_key_block(self, keys: Any, tier_map: Any, widths: Sequence[int], group_size: int, meta_dtype: str,
+                         high_dtype: str, name: str = "keys") -> "dict[int, tuple[Any, Any, Any]]":
+        channel_rows = keys.swapaxes(-1, -2)  # (B, H, D, R): one row per channel, along tokens
+        out = {}
+        for bits in widths:
+            rows = channel_rows[tier_map == bits]
+            if bits == HIGH_BITS:
+                out[bits] = (self.encode_half(rows, high_dtype, name), None, None)
+            else:
+                out[bits] = self.quantize(rows, bits, group_size, meta_dtype, name)
+        return out
 
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {}

@@ -1,166 +1,170 @@
-"""MixKVQConfig: every knob of the format and the cache, validated at construction."""
+"""MixKVQConfig: the format's configuration, made of a key strategy and value quantization.
+
+A config is ``policy`` (the salience, §8) + ``keys`` (a :mod:`mixkvq.schemes` key strategy)
++ ``values`` (:class:`~mixkvq.schemes.ValueQuant`) + the shared ``group_size`` (G),
+``residual_length`` (R) and ``meta_dtype``. Which backend runs it is chosen where a cache is
+built (``KVCache(config, backend=...)``), not here: the config describes stored bytes only.
+
+The flat form of docs/numerics.md §9 (``tier_mode``, ``budget``, ``rd_bits`` …) is the JSON
+form (:meth:`MixKVQConfig.to_dict`, files written by ``mixkvq calibrate``, golden-vector
+manifests) and is accepted as keyword arguments too, so ``MixKVQConfig(tier_mode="rd",
+rd_bits=3.5)`` and ``MixKVQConfig(keys=RateDistortionKeys(bits=3.5))`` are the same config.
+"""
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from .dtypes import HIGH_DTYPES, META_DTYPES, canonical_dtype
+from .dtypes import canonical_dtype
+from .format import META_DTYPES, CostModel
 from .policy import SaliencePolicy, get_policy
-from .validation import as_int, check_bits, check_positive_int
+from .schemes import (BudgetKeys, KeyScheme, RateDistortionKeys, ThresholdKeys, UniformKeys, ValueQuant)
+from .validation import check_positive_int
 
-HIGH_BITS = 16  #: tier-map value of a channel kept as 16-bit floats
+#: Flat-form fields every config has.
+COMMON_FIELDS = ("policy", "tier_mode", "group_size", "residual_length", "meta_dtype", "value_bits", "value_window")
+#: Flat-form fields of each key strategy (``tier_mode``).
+SCHEME_FIELDS = {
+    "uniform": ("low_bits",),
+    "budget": ("budget", "mid_bits", "low_bits", "high_dtype"),
+    "threshold": ("thresholds", "mid_bits", "low_bits", "high_dtype"),
+    "rd": ("rd_bits", "bit_ladder", "value_bit_ladder", "rd_value_weight", "high_dtype"),
+}
+FLAT_FIELDS = tuple(dict.fromkeys(COMMON_FIELDS + sum(SCHEME_FIELDS.values(), ())))
+_BACKEND_MOVED = ("a config describes stored bytes, not where they are computed: choose the backend where the "
+                  "cache is built, e.g. KVCache(config, backend='torch') or MixKVQCache(config, backend='torch')")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class MixKVQConfig:
     """Configuration of MixKVQ quantization and of the streaming cache.
 
     Defaults follow the paper: query-aware policy, G = 32, R = 128, 2-bit values, and a key
     budget of 1/32 of channels in bfloat16 and 1/8 at 4 bits (about 2.7 nominal key bits).
 
-    Attributes:
-        policy: a registered policy name (``"query_aware"``, ``"key_only"``,
-            ``"query_only"``, ``"uniform"``) or a :class:`~mixkvq.SaliencePolicy`.
-        tier_mode: ``"budget"`` (fixed counts per tier; memory exactly predictable),
-            ``"threshold"`` (the paper's absolute thresholds; counts follow the data) or
-            ``"rd"`` (rate-distortion allocation of a true-bit budget over key channels and
-            the block's value width, docs/numerics.md §8.3).
-        budget: ``(high, mid)`` channels per (block, head): two ints (counts) or two floats
-            in [0, 1] (fractions of head_dim, rounded as ``floor(f*D + 0.5)``).
-        thresholds: ``(tau_high, tau_mid)`` for threshold mode, ``tau_high >= tau_mid``.
-        high_dtype: storage of high-tier key channels: ``"bfloat16"`` or ``"float16"``.
-        mid_bits / low_bits: bit widths of the mid and low key tiers (1..8).
-        value_bits: bit width of values (per-token groups), 1..8.
+    Args:
+        policy: a registered salience policy name (``"query_aware"``, ``"key_only"``,
+            ``"query_only"``; ``"uniform"`` is KIVI and means ``keys=UniformKeys(...)``) or a
+            :class:`~mixkvq.SaliencePolicy`.
+        keys: the key strategy: :class:`~mixkvq.UniformKeys`, :class:`~mixkvq.BudgetKeys`
+            (default), :class:`~mixkvq.ThresholdKeys` or :class:`~mixkvq.RateDistortionKeys`.
+        values: :class:`~mixkvq.ValueQuant` (bits and window).
         group_size: G, elements sharing one (scale, zero).
-        residual_length: R, tokens kept in full precision before a block is quantized;
-            a multiple of G.
-        value_window: ``"block"`` (values flush with keys) or ``"sliding"`` (KIVI: the
-            last R values stay in full precision).
-        meta_dtype: dtype of scales and zeros.
-        rd_bits: ``rd`` mode budget in TRUE bits per K/V element of a quantized block (codes,
-            scales, zeros, tier map and 16-bit channels all counted).
-        bit_ladder: key widths the ``rd`` allocator may give a channel (16 = 16-bit floats).
-        value_bit_ladder: value widths the ``rd`` allocator may choose per block.
-        rd_value_weight: the ``rd`` error model's exchange rate between value and key errors
-            (``E_val`` is multiplied by it, §8.3 step 2). 1 is the attention-output model as
-            derived; the default 2 is the rate perplexity prefers on held-out text of the
-            embedded model (docs/design.md, "The K/V exchange rate").
-        backend: backend name (``"numpy"``, ``"torch"``, ``"cupy"``) or None to use
-            ``$MIXKVQ_BACKEND`` or the kind of the arrays passed in.
+        residual_length: R, tokens kept in full precision before a block is quantized; a
+            multiple of G.
+        meta_dtype: dtype of scales and zeros (``"float16"``, ``"bfloat16"``, ``"float32"``).
+        **flat: the flat form instead of ``keys``/``values`` (docs/numerics.md §9):
+            ``tier_mode`` (``"uniform"``, ``"budget"``, ``"threshold"``, ``"rd"``), ``budget``,
+            ``thresholds``, ``mid_bits``, ``low_bits``, ``high_dtype``, ``rd_bits``,
+            ``bit_ladder``, ``value_bit_ladder``, ``rd_value_weight``, ``value_bits``,
+            ``value_window``. A field the chosen strategy does not use is an error.
     """
 
-    policy: "str | SaliencePolicy" = "query_aware"
-    tier_mode: Literal["budget", "threshold", "rd"] = "budget"
-    budget: tuple[float, float] = (1 / 32, 1 / 8)
-    thresholds: tuple[float, float] = (1.44, 0.79)
-    high_dtype: str = "bfloat16"
-    mid_bits: int = 4
-    low_bits: int = 2
-    value_bits: int = 2
-    group_size: int = 32
-    residual_length: int = 128
-    value_window: Literal["block", "sliding"] = "block"
-    meta_dtype: str = "float16"
-    backend: str | None = None
-    rd_bits: float = 3.5
-    bit_ladder: tuple[int, ...] = (2, 3, 4, 8, 16)
-    value_bit_ladder: tuple[int, ...] = (2, 3, 4)
-    rd_value_weight: float = 2.0
-    _policy: SaliencePolicy = field(init=False, repr=False, compare=False)
+    policy: "str | SaliencePolicy"
+    keys: KeyScheme
+    values: ValueQuant
+    group_size: int
+    residual_length: int
+    meta_dtype: str
 
-    def __post_init__(self) -> None:
+    def __init__(self, policy: "str | SaliencePolicy | None" = None, keys: KeyScheme | None = None,
+                 values: ValueQuant | None = None, group_size: int = 32, residual_length: int = 128,
+                 meta_dtype: str = "float16", **flat: Any) -> None:
+        if "backend" in flat:
+            raise TypeError(f"MixKVQConfig takes no backend: {_BACKEND_MOVED}")
+        if flat:
+            if keys is not None or values is not None:
+                raise TypeError(f"pass either keys=/values= or the flat fields {sorted(flat)}, not both")
+            policy, keys, values = _parts_from_flat({"policy": policy, **flat}, strict=set(flat))
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
-        set_("_policy", get_policy(self.policy))
-        if self.tier_mode not in ("budget", "threshold", "rd"):
-            raise ValueError(f"tier_mode must be 'budget', 'threshold' or 'rd'; got {self.tier_mode!r}")
-        set_("bit_ladder", _check_ladder(self.bit_ladder, "bit_ladder", allow_high=True))
-        set_("value_bit_ladder", _check_ladder(self.value_bit_ladder, "value_bit_ladder", allow_high=False))
-        set_("rd_bits", _positive_float(self.rd_bits, "rd_bits", "a number of bits per element"))
-        set_("rd_value_weight", _positive_float(self.rd_value_weight, "rd_value_weight", "an exchange rate"))
-        set_("budget", _check_budget(self.budget))
-        set_("thresholds", _check_thresholds(self.thresholds))
-        set_("high_dtype", canonical_dtype(self.high_dtype, allowed=HIGH_DTYPES, what="high_dtype"))
-        set_("meta_dtype", canonical_dtype(self.meta_dtype, allowed=META_DTYPES, what="meta_dtype"))
-        check_bits(self.mid_bits, "mid_bits")
-        check_bits(self.low_bits, "low_bits")
-        check_bits(self.value_bits, "value_bits")
-        if self.mid_bits < self.low_bits:
-            raise ValueError(f"mid_bits ({self.mid_bits}) must be >= low_bits ({self.low_bits})")
-        check_positive_int(self.group_size, "group_size")
-        check_positive_int(self.residual_length, "residual_length")
+        if keys is None:  # policy="uniform" alone is KIVI at the default width
+            keys = UniformKeys() if policy is not None and not get_policy(policy).mixed_precision else BudgetKeys()
+        if not isinstance(keys, KeyScheme):
+            raise TypeError(f"keys must be a key strategy (UniformKeys, BudgetKeys, ThresholdKeys, "
+                            f"RateDistortionKeys); got {type(keys).__name__}")
+        values = ValueQuant() if values is None else values
+        if not isinstance(values, ValueQuant):
+            raise TypeError(f"values must be a ValueQuant; got {type(values).__name__}")
+        if policy is None:
+            policy = "uniform" if isinstance(keys, UniformKeys) else "query_aware"
+        resolved = get_policy(policy)
+        if isinstance(keys, UniformKeys) != (not resolved.mixed_precision):
+            if isinstance(keys, UniformKeys):
+                raise ValueError(f"keys=UniformKeys is KIVI (no salience); policy {resolved.name!r} ranks channels: "
+                                 "use BudgetKeys, ThresholdKeys or RateDistortionKeys with it")
+            raise ValueError(f"policy {resolved.name!r} gives every key channel one width: use keys=UniformKeys(bits)")
+        if isinstance(keys, RateDistortionKeys) and values.window != "block":
+            raise ValueError("tier_mode='rd' chooses the value width per block: it needs value_window='block'")
+        set_("policy", policy)
+        set_("keys", keys)
+        set_("values", values)
+        set_("group_size", check_positive_int(group_size, "group_size"))
+        set_("residual_length", check_positive_int(residual_length, "residual_length"))
+        set_("meta_dtype", canonical_dtype(meta_dtype, allowed=META_DTYPES, what="meta_dtype"))
         if self.residual_length % self.group_size:
             raise ValueError(
                 f"residual_length ({self.residual_length}) must be a multiple of group_size "
                 f"({self.group_size}), so every key block holds whole groups; "
                 f"try residual_length={self.group_size * max(1, round(self.residual_length / self.group_size))}"
             )
-        if self.value_window not in ("block", "sliding"):
-            raise ValueError(f"value_window must be 'block' or 'sliding'; got {self.value_window!r}")
-        if self.tier_mode == "rd":
-            if self.value_window != "block":
-                raise ValueError("tier_mode='rd' chooses the value width per block: it needs value_window='block'")
-            if not self._policy.mixed_precision:
-                raise ValueError(f"tier_mode='rd' allocates bits by salience; the policy {self._policy.name!r} has none")
-        if self.backend is not None:
-            from .backend import available_backends
-
-            if not isinstance(self.backend, str):
-                raise TypeError("backend must be a backend name such as 'numpy' or 'torch', or None")
-            if self.backend not in available_backends():
-                raise ValueError(f"unknown backend {self.backend!r}; available backends: {', '.join(available_backends())}")
 
     # -- derived -----------------------------------------------------------------------
     @property
     def salience_policy(self) -> SaliencePolicy:
         """The resolved policy object."""
-        return self._policy
+        return get_policy(self.policy)
+
+    @property
+    def tier_mode(self) -> str:
+        """The key strategy's name: ``"uniform"``, ``"budget"``, ``"threshold"`` or ``"rd"``."""
+        return self.keys.name
 
     @property
     def key_tier_bits(self) -> tuple[int, ...]:
-        """Tier widths from high to low, as stored in tier maps (16 = 16-bit floats)."""
-        if not self._policy.mixed_precision:
-            return (self.low_bits,)
-        if self.tier_mode == "rd":
-            return tuple(sorted(self.bit_ladder, reverse=True))
-        return tuple(dict.fromkeys((HIGH_BITS, self.mid_bits, self.low_bits)))
+        """Tier-map values a block may hold, widest first (16 = 16-bit floats)."""
+        return self.keys.widths()
 
-    def budget_counts(self, head_dim: int) -> tuple[int, int]:
-        """``(n_high, n_mid)`` for a head of ``head_dim`` channels (budget mode)."""
-        hi, mid = self.budget
-        if isinstance(hi, int) and isinstance(mid, int):
-            n_high, n_mid = hi, mid
-        else:
-            n_high, n_mid = (math.floor(f * head_dim + 0.5) for f in (hi, mid))
-        if n_high + n_mid > head_dim:
-            raise ValueError(
-                f"budget {self.budget} asks for {n_high} high + {n_mid} mid channels but head_dim is {head_dim}"
-            )
-        return n_high, n_mid
+    @property
+    def high_dtype(self) -> str:
+        """Storage of 16-bit key channels."""
+        return self.keys.high_dtype
+
+    @property
+    def waits_for_queries(self) -> bool:
+        """Whether a block flushes only once its last token's queries were observed (§9)."""
+        return self.keys.uses_salience and self.salience_policy.uses_queries
+
+    def costs(self, head_dim: int) -> CostModel:
+        """The byte counts of this config's blocks for heads of ``head_dim`` channels."""
+        return CostModel.of(self.residual_length, self.group_size, head_dim, self.meta_dtype)
 
     # -- serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The flat form (JSON-ready): common fields and the key strategy's own."""
         if not isinstance(self.policy, str):
             raise ValueError("only configs whose policy is a registered name can be serialised")
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        for key in ("budget", "thresholds", "bit_ladder", "value_bit_ladder"):
-            d[key] = list(d[key])
-        return d
+        out: dict[str, Any] = {"policy": self.policy, **self.keys.flat()}
+        if not isinstance(self.keys, RateDistortionKeys):  # rd chooses the value width per block
+            out["value_bits"] = self.values.bits
+        out.update(value_window=self.values.window, group_size=self.group_size,
+                   residual_length=self.residual_length, meta_dtype=self.meta_dtype)
+        return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MixKVQConfig":
-        known = {f.name for f in fields(cls) if f.init}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Any) -> "MixKVQConfig":
+        """Read the flat form. Files of earlier versions (every field of every mode, and a
+        ``backend`` entry) load: fields the chosen strategy does not use are ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object of fields; got {type(data).__name__}")
+        d = {k: v for k, v in data.items() if k != "backend"}
+        unknown = sorted(set(d) - set(FLAT_FIELDS))
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        d = dict(data)
-        for key in ("budget", "thresholds", "bit_ladder", "value_bit_ladder"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(FLAT_FIELDS)}")
+        policy, keys, values = _parts_from_flat(d, strict=set())
+        return cls(policy, keys, values, **{k: d[k] for k in ("group_size", "residual_length", "meta_dtype") if k in d})
 
     def save(self, path: "str | Path") -> None:
         """Write the config as JSON (what ``mixkvq calibrate`` produces)."""
@@ -173,76 +177,91 @@ class MixKVQConfig:
             raise FileNotFoundError(f"config file {p} does not exist")
         try:
             data = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"config file {p} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or data.pop("mixkvq_config", None) != 1:
             raise ValueError(f"{p} is not a mixkvq config file (missing 'mixkvq_config': 1)")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config file {p}: {exc}") from None
 
     def replace(self, **changes: Any) -> "MixKVQConfig":
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        d.update(changes)
-        return type(self)(**d)
+        """A copy with ``changes``: flat fields (``rd_bits=3.0``, ``tier_mode="threshold"``) or
+        parts (``keys=...``, ``values=...``, ``policy=...``). A flat field the resulting
+        strategy does not use is an error; switching strategy drops the old one's fields."""
+        if "backend" in changes:
+            raise TypeError(f"MixKVQConfig has no backend: {_BACKEND_MOVED}")
+        shared = {"policy", "group_size", "residual_length", "meta_dtype"}
+        if {"keys", "values"} & set(changes) or set(changes) <= shared and "policy" not in changes:
+            parts = {"policy": self.policy, "keys": self.keys, "values": self.values, "group_size": self.group_size,
+                     "residual_length": self.residual_length, "meta_dtype": self.meta_dtype, **changes}
+            return type(self)(**parts)
+        flat = {**self.to_dict(), "policy": self.policy, **changes}
+        policy, keys, values = _parts_from_flat(flat, strict=set(changes))
+        return type(self)(policy, keys, values, group_size=flat["group_size"], residual_length=flat["residual_length"],
+                          meta_dtype=flat["meta_dtype"])
 
 
-def _check_budget(budget: Any) -> tuple[float, float]:
+def _parts_from_flat(d: dict[str, Any], *, strict: set[str]) -> tuple[Any, KeyScheme, ValueQuant]:
+    """(policy, keys, values) from flat fields. A field in ``strict`` (given by the caller)
+    that the chosen strategy does not use raises; other unused fields are ignored (files of
+    earlier versions hold every field, and a strategy switch leaves the old one's behind)."""
+    nulls = sorted(k for k, v in d.items() if v is None and k != "policy")
+    if nulls:
+        raise ValueError(f"config fields {nulls} must not be null")
+    policy = d.get("policy")
+    mixed = get_policy(policy).mixed_precision if policy is not None else True
+    mode = d.get("tier_mode", "budget")
+    if not mixed:  # KIVI: one width for every key channel
+        if mode != "uniform" and "tier_mode" in strict:
+            raise ValueError(f"policy {get_policy(policy).name!r} is KIVI (one width for every key channel); "
+                             f"it takes no tier_mode {mode!r}")
+        mode = "uniform"
+    elif mode == "uniform":
+        if "tier_mode" in strict and policy is not None:
+            raise ValueError(f"tier_mode='uniform' is KIVI; policy {get_policy(policy).name!r} ranks channels")
+        if "tier_mode" in strict or policy is None:
+            policy = "uniform"
+        else:  # a salience policy given to a uniform config: the default strategy
+            mode = "budget"
+    if mode not in SCHEME_FIELDS:
+        raise ValueError(f"tier_mode must be one of {', '.join(repr(m) for m in SCHEME_FIELDS)}; got {mode!r}")
+    used = set(COMMON_FIELDS) | set(SCHEME_FIELDS[mode])
+    if mode == "rd":
+        used.discard("value_bits")
+    stray = sorted(k for k in strict if k not in used and k in FLAT_FIELDS)
+    if stray:
+        why = "rd chooses the value width per block from value_bit_ladder" if stray == ["value_bits"] else \
+            f"tier_mode={mode!r} uses {', '.join(SCHEME_FIELDS[mode])}"
+        raise ValueError(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply here: {why}")
+    tiers = {k: d[k] for k in ("mid_bits", "low_bits", "high_dtype") if k in d}
+    if mode == "uniform":
+        keys: KeyScheme = UniformKeys(d.get("low_bits", 2))
+    elif mode == "budget":
+        keys = BudgetKeys(*_pair(d.get("budget", (1 / 32, 1 / 8)), "budget", "(high, mid)"), **tiers)
+    elif mode == "threshold":
+        keys = ThresholdKeys(*_pair(d.get("thresholds", (1.44, 0.79)), "thresholds", "(tau_high, tau_mid)"), **tiers)
+    else:
+        keys = RateDistortionKeys(**{new: d[old] for old, new in RD_FIELDS if old in d})
+    values = ValueQuant(**{new: d[old] for old, new in (("value_bits", "bits"), ("value_window", "window"))
+                           if old in d and (old != "value_bits" or mode != "rd")})
+    return policy, keys, values
+
+
+#: flat name -> RateDistortionKeys field
+RD_FIELDS = (("rd_bits", "bits"), ("bit_ladder", "ladder"), ("value_bit_ladder", "value_ladder"),
+             ("rd_value_weight", "value_weight"), ("high_dtype", "high_dtype"))
+
+
+def _pair(value: Any, name: str, what: str) -> tuple[Any, Any]:
+    if isinstance(value, (str, bytes, dict)):
+        raise ValueError(f"{name} must be a pair {what}; got {value!r}")
     try:
-        hi, mid = budget
+        a, b = value
     except (TypeError, ValueError):
-        raise ValueError(f"budget must be a pair (high, mid); got {budget!r}") from None
-    ints = [as_int(v) for v in (hi, mid)]
-    if all(i is not None for i in ints):
-        if min(ints) < 0:
-            raise ValueError(f"budget counts must be >= 0; got {budget!r}")
-        return (ints[0], ints[1])
-    if any(i not in (None, 0) for i in ints):
-        raise ValueError(
-            f"budget {budget!r} mixes a channel count with a fraction; pass two ints (counts) "
-            "or two floats (fractions of head_dim)"
-        )
-    try:
-        fhi, fmid = float(hi), float(mid)
-    except (TypeError, ValueError):
-        raise ValueError(f"budget entries must be numbers; got {budget!r}") from None
-    if not (0.0 <= fhi <= 1.0 and 0.0 <= fmid <= 1.0 and fhi + fmid <= 1.0):
-        raise ValueError(
-            f"budget fractions must lie in [0, 1] and sum to at most 1; got {budget!r} "
-            "(pass two ints for channel counts)"
-        )
-    return (fhi, fmid)
+        raise ValueError(f"{name} must be a pair {what}; got {value!r}") from None
+    return a, b
 
 
-def _positive_float(value: Any, name: str, what: str) -> float:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {what}; got {value!r}") from None
-    if not (math.isfinite(out) and out > 0):
-        raise ValueError(f"{name} must be a positive finite number ({what}); got {value!r}")
-    return out
-
-
-def _check_ladder(ladder: Any, name: str, *, allow_high: bool) -> tuple[int, ...]:
-    try:
-        widths = tuple(ladder)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of bit widths; got {ladder!r}") from None
-    allowed = set(range(1, 9)) | ({HIGH_BITS} if allow_high else set())
-    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w not in allowed for w in widths):
-        extra = " or 16 (16-bit floats)" if allow_high else ""
-        raise ValueError(f"{name} entries must be integers in 1..8{extra}; got {ladder!r}")
-    if len(set(widths)) != len(widths):
-        raise ValueError(f"{name} has repeated widths: {ladder!r}")
-    return tuple(sorted(widths))
-
-
-def _check_thresholds(thresholds: Any) -> tuple[float, float]:
-    try:
-        hi, mid = (float(t) for t in thresholds)
-    except (TypeError, ValueError):
-        raise ValueError(f"thresholds must be a pair (tau_high, tau_mid); got {thresholds!r}") from None
-    if not (math.isfinite(hi) and math.isfinite(mid)) or hi < mid:
-        raise ValueError(f"thresholds need finite tau_high >= tau_mid; got {thresholds!r}")
-    return (hi, mid)
+__all__ = ["MixKVQConfig", "FLAT_FIELDS", "SCHEME_FIELDS", "COMMON_FIELDS"]

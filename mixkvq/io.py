@@ -1,11 +1,12 @@
 """Saving and loading quantized caches and captured tensors (versioned, checked).
 
-File format (``SCHEMA_VERSION`` 1): a ZIP archive of ``.npy`` members (the NumPy ``.npz``
+File format (``mixkvq.FORMAT_VERSION``, 1): a ZIP archive of ``.npy`` members (the NumPy ``.npz``
 layout, readable with ``numpy.load``) written deterministically — fixed member order and
 timestamps, no compression — so saving the same cache twice gives the same bytes. Member
 ``__header__.npy`` is a uint8 array holding UTF-8 JSON:
 
-* ``format``: ``"mixkvq.kvcache"`` or ``"mixkvq.tensors"``; ``schema_version``;
+* ``format``: ``"mixkvq.kvcache"`` or ``"mixkvq.tensors"``; ``format_version`` (files of
+  mixkvq 0.1 call it ``schema_version``; both are read);
 * for caches: the config (``MixKVQConfig.to_dict``), counters (tokens, query position,
   query count), ``(batch, heads, head_dim)``, input dtype, ``n_rep``, the block / value
   chunk structure and the snapshot token counts;
@@ -31,12 +32,12 @@ from typing import Any
 import numpy as np
 
 from .backend import array_kind, get_backend
-from .cache import KVCache, _State
-from .config import HIGH_BITS, MixKVQConfig
+from .cache import KVCache
+from .config import MixKVQConfig
 from .dtypes import dtype_name
-from .layout import KeyBlock, TierRows, ValueRows, n_groups, row_bytes
+from .format import FORMAT_VERSION
+from .state import StateError, from_arrays, to_arrays
 
-SCHEMA_VERSION = 1
 CACHE_FORMAT = "mixkvq.kvcache"
 TENSORS_FORMAT = "mixkvq.tensors"
 _HEADER = "__header__"
@@ -93,9 +94,9 @@ def _read(path: "str | Path", expect_format: str) -> tuple[dict[str, Any], dict[
             raise CacheFileError(f"{p}: the header is corrupted ({exc})") from None
         if not isinstance(header, dict) or header.get("format") != expect_format:
             raise CacheFileError(f"{p} holds {header.get('format') if isinstance(header, dict) else '?'!r}, expected {expect_format!r}")
-        version = header.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise CacheFileError(f"{p} has schema version {version!r}; this mixkvq reads version {SCHEMA_VERSION} "
+        version = header.get("format_version", header.get("schema_version"))  # files of 0.1 say schema_version
+        if version != FORMAT_VERSION:
+            raise CacheFileError(f"{p} has format version {version!r}; this mixkvq reads version {FORMAT_VERSION} "
                                  "(re-save it with the mixkvq version that wrote it, or upgrade)")
         specs = header.get("arrays")
         if not isinstance(specs, dict):
@@ -127,7 +128,7 @@ def save_tensors(path: "str | Path", tensors: dict[str, Any], *, meta: dict[str,
         if not isinstance(name, str) or not name or "/" in name or name == _HEADER:
             raise ValueError(f"invalid tensor name {name!r}")
         arrays[name] = _np(None, t)
-    _write(path, {"format": TENSORS_FORMAT, "schema_version": SCHEMA_VERSION, "meta": meta or {}}, arrays)
+    _write(path, {"format": TENSORS_FORMAT, "format_version": FORMAT_VERSION, "meta": meta or {}}, arrays)
 
 
 def load_tensors(path: "str | Path", *, as_torch: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -151,43 +152,14 @@ def save_cache(cache: KVCache, path: "str | Path") -> None:
     """Write every array, the config and the counters of ``cache`` (see the module doc)."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"save_cache expects a KVCache, got {type(cache).__name__}")
-    s = cache._state
     backend = cache.backend
-    arrays: dict[str, tuple[np.ndarray, str]] = {}
-    blocks = []
-    for i, blk in enumerate(s.key_blocks):
-        arrays[f"k{i}.tier_map"] = _np(backend, blk.tier_map)
-        tiers = []
-        for bits, rows in blk.tiers.items():
-            tiers.append(bits)
-            arrays[f"k{i}.t{bits}.packed"] = _np(backend, rows.packed)
-            if rows.scale is not None:
-                arrays[f"k{i}.t{bits}.scale"] = _np(backend, rows.scale)
-                arrays[f"k{i}.t{bits}.zero"] = _np(backend, rows.zero)
-        blocks.append({"n_tokens": blk.n_tokens, "tiers": tiers})
-    vrows = []
-    for i, r in enumerate(s.value_rows):
-        for part in ("packed", "scale", "zero"):
-            arrays[f"v{i}.{part}"] = _np(backend, getattr(r, part))
-        vrows.append({"bits": r.bits})
-    for name, a in (("residual_keys", s.residual_keys), ("residual_values", s.residual_values), ("qsum", s.qsum)):
-        if a is not None:
-            arrays[name] = _np(backend, a)
-    snaps = []
-    for j, (m, (q, c)) in enumerate(sorted(s.snapshots.items())):
-        arrays[f"snap{j}"] = _np(backend, q)
-        snaps.append([m, c])
-    header = {
-        "format": CACHE_FORMAT, "schema_version": SCHEMA_VERSION,
-        "config": cache.config.to_dict(),
-        "counters": {"n_tokens": s.n_tokens, "q_position": s.q_position, "q_count": s.q_count},
-        "shape": list(cache._shape) if cache._shape else None, "dtype": cache._dtype, "n_rep": cache._n_rep,
-        "backend": backend.name, "blocks": blocks, "value_rows": vrows, "snapshots": snaps,
-    }
-    _write(path, header, arrays)
+    structure, arrays = to_arrays(cache.state)
+    header = {"format": CACHE_FORMAT, "format_version": FORMAT_VERSION, "config": cache.config.to_dict(),
+              "backend": backend.name, **structure}
+    _write(path, header, {name: _np(backend, a) for name, a in arrays.items()})
 
 
-def load_cache(path: "str | Path", *, config: MixKVQConfig | None = None, backend: str | None = None) -> KVCache:
+def load_cache(path: "str | Path", *, config: MixKVQConfig | None = None, backend: "str | Any | None" = None) -> KVCache:
     """Rebuild a :class:`KVCache` written by :func:`save_cache`.
 
     Args:
@@ -201,100 +173,27 @@ def load_cache(path: "str | Path", *, config: MixKVQConfig | None = None, backen
     except (KeyError, TypeError, ValueError) as exc:
         raise CacheFileError(f"{p}: the saved config is invalid ({exc})") from None
     if config is not None and config.to_dict() != saved.to_dict():
-        diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
+        diff = sorted(k for k in set(config.to_dict()) | set(saved.to_dict()) if saved.to_dict().get(k) != config.to_dict().get(k))
         raise CacheFileError(f"{p} was saved with a different config (fields {', '.join(diff)} differ); "
                              "load it without config= or with the config it was saved with")
-    cfg = saved if backend is None else saved.replace(backend=backend)
-    cache = KVCache(cfg)
-    be = get_backend(backend or header.get("backend") or cfg.backend or "numpy")
-    cache._backend = be
+    be = get_backend(backend or header.get("backend") or "numpy")
+    labels = {name: spec["dtype"] for name, spec in header["arrays"].items()}
     try:
-        _fill(cache, header, arrays, be)
-    except CacheFileError:
-        raise
+        state = from_arrays(header, arrays, saved, lambda name: _restore(be, arrays[name], labels[name]))
+    except StateError as exc:
+        raise CacheFileError(f"{p}: inconsistent cache file: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise CacheFileError(f"{p}: inconsistent cache file ({type(exc).__name__}: {exc})") from None
-    return cache
+    return KVCache.from_state(saved, state, be)
 
 
 def _restore(be: Any, a: np.ndarray, dtype: str) -> Any:
-    if be.name == "torch":
-        import torch
-
-        t = torch.from_numpy(a.copy())
-        return t.view(torch.int16).view(torch.bfloat16) if dtype == "bfloat16" else t
+    """A stored member as ``be``'s array, as if it had been computed there: bfloat16 data
+    (stored as its uint16 bits) becomes what the backend makes of a bfloat16 tensor."""
+    if dtype == "bfloat16" and a.dtype == np.uint16:
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - a bfloat16 file was written by torch
+            return be.from_any((a.astype(np.uint32) << 16).view(np.float32))
+        return be.from_any(torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16))
     return be.from_any(a.copy())
-
-
-def _fill(cache: KVCache, header: dict[str, Any], arrays: dict[str, np.ndarray], be: Any) -> None:
-    cfg = cache.config
-    specs = header["arrays"]
-    get = lambda name: _restore(be, arrays[name], specs[name]["dtype"])  # noqa: E731
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise CacheFileError(f"inconsistent cache file: {msg}")
-
-    counters = header["counters"]
-    shape = header["shape"]
-    s = _State()
-    if shape is None:
-        need(not arrays and counters["n_tokens"] == 0, "no shape but stored arrays")
-        cache._state = s
-        return
-    B, H, D = (int(x) for x in shape)
-    R, G = cfg.residual_length, cfg.group_size
-    for i, blk in enumerate(header["blocks"]):
-        tm = arrays[f"k{i}.tier_map"]
-        need(tm.shape == (B, H, D) and tm.dtype == np.uint8, f"block {i} tier map has shape {tm.shape}, expected {(B, H, D)}")
-        need(blk["n_tokens"] == R, f"block {i} holds {blk['n_tokens']} tokens, the config's residual_length is {R}")
-        need(set(np.unique(tm).tolist()) <= set(blk["tiers"]), f"block {i} tier map uses widths without rows")
-        kb = KeyBlock(tier_map=get(f"k{i}.tier_map"), n_tokens=R)
-        for bits in blk["tiers"]:
-            n = int((tm == bits).sum())
-            packed = arrays[f"k{i}.t{bits}.packed"]
-            width = 2 * R if bits == HIGH_BITS else row_bytes(R, bits)
-            need(packed.shape == (n, width), f"block {i} tier {bits} packed shape {packed.shape}, expected {(n, width)}")
-            if bits == HIGH_BITS:
-                kb.tiers[bits] = TierRows(bits, get(f"k{i}.t{bits}.packed"))
-            else:
-                for part in ("scale", "zero"):
-                    need(arrays[f"k{i}.t{bits}.{part}"].shape == (n, n_groups(R, G)), f"block {i} tier {bits} {part} shape")
-                kb.tiers[bits] = TierRows(bits, get(f"k{i}.t{bits}.packed"), get(f"k{i}.t{bits}.scale"), get(f"k{i}.t{bits}.zero"))
-        s.key_blocks.append(kb)
-    for i, vr in enumerate(header["value_rows"]):
-        bits = int(vr["bits"])
-        packed = arrays[f"v{i}.packed"]
-        need(packed.ndim == 4 and packed.shape[:2] == (B, H) and packed.shape[3] == row_bytes(D, bits), f"value chunk {i} packed shape {packed.shape}")
-        for part in ("scale", "zero"):
-            need(arrays[f"v{i}.{part}"].shape == packed.shape[:3] + (n_groups(D, G),), f"value chunk {i} {part} shape")
-        s.value_rows.append(ValueRows(get(f"v{i}.packed"), get(f"v{i}.scale"), get(f"v{i}.zero"), bits))
-    n = int(counters["n_tokens"])
-    for name in ("residual_keys", "residual_values"):
-        if name in arrays:
-            a = arrays[name]
-            need(a.ndim == 4 and a.shape[:2] == (B, H) and a.shape[3] == D, f"{name} shape {a.shape}")
-            setattr(s, name, get(name))
-    rk = 0 if s.residual_keys is None else int(s.residual_keys.shape[2])
-    rv = 0 if s.residual_values is None else int(s.residual_values.shape[2])
-    s.n_tokens = n
-    need(s.n_key_quantized + rk == n, f"{s.n_key_quantized} quantized + {rk} residual key tokens != {n} tokens")
-    need(s.n_value_quantized + rv == n, f"{s.n_value_quantized} quantized + {rv} residual value tokens != {n} tokens")
-    if "qsum" in arrays:
-        need(arrays["qsum"].shape == (B, H, D) and arrays["qsum"].dtype == np.int64, "qsum shape/dtype")
-        s.qsum = get("qsum")
-    s.q_position, s.q_count = int(counters["q_position"]), int(counters["q_count"])
-    need(0 <= s.q_position <= n, "query position beyond the tokens")
-    for j, (m, c) in enumerate(header["snapshots"]):
-        need(arrays[f"snap{j}"].shape == (B, H, D), f"snapshot {j} shape")
-        s.snapshots[int(m)] = (get(f"snap{j}"), int(c))
-    cache._state = s
-    cache._shape = (B, H, D)
-    cache._dtype = header["dtype"]
-    cache._n_rep = header["n_rep"]
-    if be.name == "torch":
-        import torch
-
-        cache._template = torch.empty((0, H, 0, D), dtype=getattr(torch, cache._dtype))
-    else:
-        cache._template = np.empty((0, H, 0, D), dtype=np.float32 if cache._dtype == "bfloat16" else cache._dtype)

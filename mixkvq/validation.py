@@ -11,7 +11,8 @@ from __future__ import annotations
 import operator
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .dtypes import INPUT_DTYPES, dtype_name
+from .dtypes import dtype_name
+from .format import INPUT_DTYPES
 
 if TYPE_CHECKING:
     from .backend import Backend

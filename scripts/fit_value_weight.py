@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from mixkvq import MixKVQConfig
-from mixkvq.data import load_documents, load_model
-from mixkvq.eval.harness import EvalSettings, evaluate
-from mixkvq.eval.methods import Method, builtin_methods
+from mixkvq.apps.data import load_documents, load_model
+from mixkvq.apps.eval.harness import EvalSettings, evaluate
+from mixkvq.apps.eval.methods import Method, builtin_methods
 
 
 def _floats(text: str) -> list[float]:

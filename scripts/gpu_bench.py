@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mixkvq.cache import CacheView
 from mixkvq.config import MixKVQConfig
-from mixkvq.layout import ValueRows, encode_key_block
+from mixkvq.format import HIGH_BITS
+from mixkvq.layout import PackedLayout
+from mixkvq.state import Storage
 
 HQ, HKV, D = 32, 8, 128
 
@@ -76,7 +77,7 @@ def bench_quantize(backend, timer, shapes) -> list[dict]:
     return out
 
 
-def build_view(backend, cfg: MixKVQConfig, B: int, T: int, seed: int = 0) -> CacheView:
+def build_storage(backend, cfg: MixKVQConfig, B: int, T: int, seed: int = 0) -> Storage:
     """A packed cache of T tokens (T // R quantized blocks, the rest residual), made block by
     block with the backend's ops (random keys/values, salience from random queries)."""
     xp = backend.xp
@@ -89,34 +90,30 @@ def build_view(backend, cfg: MixKVQConfig, B: int, T: int, seed: int = 0) -> Cac
         return rs.standard_normal(shape, dtype=np.float32)
 
     blocks, values = [], []
-    n_high, n_mid = cfg.budget_counts(D)
+    layout = PackedLayout(cfg, D)
+    keys = cfg.keys
+    n_high, n_mid = keys.counts(D)
     for _ in range(T // R):
         k, v = normal((B, HKV, R, D)), normal((B, HKV, R, D))
         rel = xp.abs(normal((B, HKV, D)))
-        sal = rel * backend.difficulty(k, cfg.low_bits)
-        tier_map = backend.assign_budget(sal, n_high, n_mid, (16, cfg.mid_bits, cfg.low_bits))
-        blocks.append(encode_key_block(backend, k, tier_map, cfg))
-        values.append(ValueRows(*backend.quantize(v, cfg.value_bits, cfg.group_size, cfg.meta_dtype, "values"), cfg.value_bits))
+        sal = rel * backend.difficulty(k, keys.low_bits)
+        tier_map = backend.assign_budget(sal, n_high, n_mid, (HIGH_BITS, keys.mid_bits, keys.low_bits))
+        blocks.append(layout.encode_keys(backend, k, tier_map))
+        values.append(layout.encode_values(backend, v))
     r = T - (T // R) * R
     res_k, res_v = normal((B, HKV, r, D)).astype(xp.float16), normal((B, HKV, r, D)).astype(xp.float16)
-    return CacheView(cfg, backend, blocks, values, res_k, res_v, D)
+    return Storage(tuple(blocks), tuple(values), res_k, res_v)
 
 
-def sub_view(view: CacheView, T: int) -> CacheView:
-    """The first T tokens of a view whose residual is empty (T a multiple of R)."""
-    nb = T // view.config.residual_length
-    xp = view.backend.xp
-    empty = xp.zeros((view.key_blocks[0].tier_map.shape[0], HKV, 0, D), dtype=xp.float16)
-    return CacheView(view.config, view.backend, view.key_blocks[:nb], view.value_rows[:nb], empty, empty, D)
+def sub_storage(storage: Storage, T: int, R: int, xp) -> Storage:
+    """The first T tokens of a storage whose residual is empty (T a multiple of R)."""
+    nb = T // R
+    empty = xp.zeros((storage.key_blocks[0].tier_map.shape[0], HKV, 0, D), dtype=xp.float16)
+    return Storage(storage.key_blocks[:nb], storage.value_rows[:nb], empty, empty)
 
 
-def packed_bytes(view: CacheView) -> int:
-    total = 0
-    for blk in view.key_blocks:
-        total += sum(int(a.nbytes) for a in blk.arrays())
-    for rows in view.value_rows:
-        total += sum(int(a.nbytes) for a in rows.arrays())
-    return total
+def packed_bytes(storage: Storage) -> int:
+    return sum(int(a.nbytes) for a in storage.arrays())
 
 
 def float32_attention(xp, q, k, v, scale):
@@ -167,15 +164,16 @@ def bench_attention(backend, timer, tokens, batches, cfg) -> list[dict]:
     out = []
     for B in batches:
         t0 = time.perf_counter()
-        full = build_view(backend, cfg, B, max(tokens))
+        full = build_storage(backend, cfg, B, max(tokens))
+        layout = PackedLayout(cfg, D)
         build_s = time.perf_counter() - t0
         for T in tokens:
-            view = sub_view(full, T)
+            view = sub_storage(full, T, cfg.residual_length, xp)
             q = xp.asarray(np.random.default_rng(1).standard_normal((B, HQ, 1, D), dtype=np.float32))
             scale = 1.0 / math.sqrt(D)
-            plan_ms = timer(lambda: backend.attention_plan(view, B, HKV), iters=3, warmup=1)
-            plan = backend.attention_plan(view, B, HKV)
-            fused_ms = timer(lambda: backend.attention(q, view, scale=scale, causal=True, plan=plan))
+            plan_ms = timer(lambda: backend.attention_plan(view, layout, B, HKV), iters=3, warmup=1)
+            plan = backend.attention_plan(view, layout, B, HKV)
+            fused_ms = timer(lambda: backend.attention(q, view, layout, scale=scale, causal=True, plan=plan))
             row = dict(batch=B, tokens=T, fused_ms=fused_ms, plan_ms=plan_ms, cache_build_s=build_s,
                        packed_MB=packed_bytes(view) / 1e6, fp16_kv_MB=2 * B * HKV * T * D * 2 / 1e6)
             row["fused_effective_GBps"] = packed_bytes(view) / fused_ms / 1e6
@@ -187,9 +185,9 @@ def bench_attention(backend, timer, tokens, batches, cfg) -> list[dict]:
                 row["sdpa_fp16_ms"] = None
                 row["sdpa_note"] = sdpa
             if B * T <= 32768:  # error check against float32 attention over the dequantized cache
-                k, v = view.dequantized()
+                k, v = layout.dequantized(backend, view)
                 ref = float32_attention(xp, q, k, v, scale)
-                got = backend.attention(q, view, scale=scale, causal=True, plan=plan)
+                got = backend.attention(q, view, layout, scale=scale, causal=True, plan=plan)
                 row["max_abs_err_vs_dequantized_fp32"] = float(xp.abs(got - ref).max())
             out.append(row)
             print(json.dumps(row), flush=True)

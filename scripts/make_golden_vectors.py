@@ -7,7 +7,7 @@ The vectors are part of the format: regenerate only when the format version chan
 
 from pathlib import Path
 
-from mixkvq.sim.golden import write_vectors
+from mixkvq.testing.golden import write_vectors
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parent.parent / "tests" / "vectors" / "v1"

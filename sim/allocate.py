@@ -12,33 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from mixkvq.config import HIGH_BITS
-from mixkvq.layout import n_groups, row_bytes
+from mixkvq.format import HALF_ULP, HIGH_BITS, CostModel, n_groups
 
 from .floats import to_float32
 from .quant import _groups
-
-HALF_ULP = {"bfloat16": 2.0**-7, "float16": 2.0**-10}  #: step of a 16-bit channel, relative to its max |x|
-
-
-def key_channel_bits(width: int, R: int, G: int, meta_bytes: int) -> int:
-    """True bits of one key channel over a block: codes (whole bytes) + scale and zero per group
-    (the same count as :meth:`mixkvq.layout.PackedLayout.key_row_nbytes`, times 8)."""
-    if width == HIGH_BITS:
-        return 16 * R
-    return 8 * row_bytes(R, width) + 2 * 8 * meta_bytes * n_groups(R, G)
-
-
-def value_head_bits(width: int, R: int, D: int, G: int, meta_bytes: int) -> int:
-    """True bits of one head's R value tokens at ``width``."""
-    return R * (8 * row_bytes(D, width) + 2 * 8 * meta_bytes * n_groups(D, G))
-
-
-def min_block_bits(key_bits: int, value_bits: int, R: int, G: int, D: int, meta_bytes: int) -> float:
-    """True bits per K/V element of the cheapest allocation of a block (every key channel at
-    ``key_bits``, values at ``value_bits``, tier map included): the lowest feasible ``rd_bits``."""
-    total = D * (8 + key_channel_bits(key_bits, R, G, meta_bytes)) + value_head_bits(value_bits, R, D, G, meta_bytes)
-    return total / (2 * R * D)
 
 
 def _fsum(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
@@ -121,7 +98,8 @@ class RDModel:
         key_err: ``(B, H, D, L)`` squared output error of each key channel at each ladder width.
         value_err: ``(Lv,)`` the block's value error at each value width.
         key_cost: ``(L,)`` bits of one key channel; value_cost: ``(Lv,)`` bits of the block's values.
-        budget: total bits allowed; base: bits of the cheapest allocation (incl. tier maps).
+        budget: total bits allowed; base: bits of the cheapest allocation (incl. tier maps);
+        key_base: the keys' share of it (every channel at the lowest width, and the tier maps).
     """
 
     key_err: np.ndarray
@@ -130,6 +108,7 @@ class RDModel:
     value_cost: np.ndarray
     budget: int
     base: float
+    key_base: float
 
 
 def rd_model(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ...], value_ladder: tuple[int, ...],
@@ -156,11 +135,12 @@ def rd_model(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ...],
     value_err = np.array([float(value_weight) * (D * range_sq / (R * ng) / (12.0 * (2.0**b - 1) ** 2))
                           for b in value_ladder])
     # Costs (§8.3 step 3) and the budget, pooled over the block's (batch, head) pairs.
-    key_cost = np.array([key_channel_bits(b, R, G, meta_bytes) for b in ladder], dtype=np.float64)
-    value_cost = np.array([value_head_bits(b, R, D, G, meta_bytes) * B * H for b in value_ladder], dtype=np.float64)
+    costs = CostModel(R, G, D, meta_bytes)
+    key_cost = np.array([costs.key_channel_bits(b) for b in ladder], dtype=np.float64)
+    value_cost = np.array([costs.value_head_bits(b) * B * H for b in value_ladder], dtype=np.float64)
     budget = math.floor(budget_bits * (2 * R * D * B * H))
-    base = B * H * D * (8 + key_cost[0]) + value_cost[0]
-    return RDModel(key_err, value_err, key_cost, value_cost, budget, float(base))
+    key_base = B * H * (costs.tier_map_bits + D * key_cost[0])
+    return RDModel(key_err, value_err, key_cost, value_cost, budget, float(key_base + value_cost[0]), float(key_base))
 
 
 def rd_allocate(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ...], value_ladder: tuple[int, ...],
@@ -193,7 +173,7 @@ def rd_allocate(keys: Any, values: Any, relevance: Any, *, ladder: tuple[int, ..
     n_keys = B * H * D
     err_rows = key_err.reshape(n_keys, len(ladder))
     items = _key_items(_hull_chains(key_cost, err_rows))
-    key_base = n_keys * (8 + key_cost[0])
+    key_base = model.key_base
     best: "tuple[float, int, np.ndarray, bool] | None" = None
     for vi in range(len(value_ladder)):
         remaining = budget - key_base - value_cost[vi]

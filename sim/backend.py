@@ -6,13 +6,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mixkvq.backend import BackendBase
 from mixkvq.dtypes import dtype_name
 
 from . import packing, quant, salience
 from .attention import attention as reference_attention
 
 
-class NumpyBackend:
+class NumpyBackend(BackendBase):
     """The bit-exact reference. Every op is the literal text of docs/numerics.md."""
 
     name = "numpy"
@@ -93,6 +94,6 @@ class NumpyBackend:
     def assign_threshold(self, salience_, tau_high, tau_mid, tier_bits):
         return salience.assign_threshold(salience_, tau_high, tau_mid, tier_bits)
 
-    def attention(self, q, view, *, scale, causal):
-        keys, values = view.dequantized()
+    def attention(self, q, storage, layout, *, scale, causal):
+        keys, values = layout.dequantized(self, storage)
         return reference_attention(quant.to_float32(q), keys, values, scale=scale, causal=causal)

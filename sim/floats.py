@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixkvq.dtypes import FLOAT_MAX, dtype_name
+from mixkvq.format import FLOAT_MAX
 
 
 def to_float32(x: np.ndarray) -> np.ndarray:
@@ -83,6 +83,3 @@ def cast_output(y32: np.ndarray, out_dtype: str) -> np.ndarray:
         ) from None
     return bf16_bits(y).view(ml_dtypes.bfloat16)
 
-
-def is_bfloat16(x: np.ndarray) -> bool:
-    return dtype_name(x) == "bfloat16"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixkvq.errors import raise_meta_overflow
+from mixkvq.format import meta_overflow_error, n_groups
 
 from .floats import cast_output, half_bits, half_bits_to_float32, meta_isinf, meta_to_float32, round_meta, to_float32
 from .packing import pack, unpack
@@ -14,7 +14,7 @@ def _groups(x32: np.ndarray, group_size: int) -> np.ndarray:
     """``(..., n)`` -> ``(..., ceil(n/G), G)``; a partial last group is padded with its own
     last element, which changes neither its minimum nor its maximum."""
     n = x32.shape[-1]
-    ng = -(-n // group_size)
+    ng = n_groups(n, group_size)
     pad = ng * group_size - n
     if pad:
         x32 = np.concatenate([x32, np.repeat(x32[..., -1:], pad, axis=-1)], axis=-1)
@@ -44,7 +44,7 @@ def quantize(x: np.ndarray, bits: int, group_size: int, meta_dtype: str = "float
     zero = round_meta(mn, meta_dtype)
     bad = meta_isinf(scale, meta_dtype) | meta_isinf(zero, meta_dtype)
     if bad.any():
-        raise_meta_overflow(name, tuple(int(i) for i in np.argwhere(bad)[0]), meta_dtype)
+        raise meta_overflow_error(name, tuple(int(i) for i in np.argwhere(bad)[0]), meta_dtype)
     s = _per_element(meta_to_float32(scale, meta_dtype), group_size, n)
     z = _per_element(meta_to_float32(zero, meta_dtype), group_size, n)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -78,7 +78,7 @@ def encode_half(x: np.ndarray, high_dtype: str, name: str = "keys") -> np.ndarra
     words = half_bits(to_float32(x), high_dtype)
     inf = meta_isinf(words if high_dtype == "bfloat16" else words.view(np.float16), high_dtype)
     if inf.any():
-        raise_meta_overflow(name, tuple(int(i) for i in np.argwhere(inf)[0]), high_dtype, what="16-bit key channel")
+        raise meta_overflow_error(name, tuple(int(i) for i in np.argwhere(inf)[0]), high_dtype, what="16-bit key channel")
     words = np.ascontiguousarray(words.astype("<u2"))
     return words.view(np.uint8).reshape(*words.shape[:-1], 2 * words.shape[-1])
 

@@ -6,11 +6,10 @@ from typing import Sequence
 
 import numpy as np
 
+from mixkvq.format import FIXED_MAX, FIXED_ONE
+
 from .floats import to_float32
 from .quant import group_min_max
-
-FIXED_ONE = 65536.0  #: 2^16, the fixed-point unit of |q|
-FIXED_MAX = float(2**40)  #: per-element saturation of the fixed-point |q|
 
 
 def query_token_sums(q: np.ndarray, n_rep: int) -> np.ndarray:
@@ -28,7 +27,7 @@ def relevance(qsum: np.ndarray, count: int, n_rep: int) -> np.ndarray:
     if count == 0:
         return np.ones(qsum.shape, dtype=np.float32)
     numerator = np.asarray(qsum, dtype=np.int64).astype(np.float32)
-    denominator = np.array(count * n_rep * int(FIXED_ONE), dtype=np.int64).astype(np.float32)
+    denominator = np.array(count * n_rep * FIXED_ONE, dtype=np.int64).astype(np.float32)
     return numerator / denominator
 
 

@@ -25,7 +25,7 @@ def require_hf() -> None:
 def _load():
     import torch
 
-    from mixkvq.data import load_model
+    from mixkvq.apps.data import load_model
     from mixkvq.integrations.transformers import enable
 
     torch.manual_seed(0)

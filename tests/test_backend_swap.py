@@ -21,8 +21,8 @@ def _stream(seed=0, B=1, H=2, n_rep=3, T=75, D=16):
 
 def _script(backend, k, v, q, as_torch=False):
     """The user's script: only the backend name changes."""
-    cfg = MixKVQConfig(group_size=8, residual_length=16, budget=(2, 4), meta_dtype="bfloat16", backend=backend)
-    cache = KVCache(cfg)
+    cfg = MixKVQConfig(group_size=8, residual_length=16, budget=(2, 4), meta_dtype="bfloat16")
+    cache = KVCache(cfg, backend=backend)
     conv = (lambda a: torch.from_numpy(a)) if as_torch else (lambda a: a)
     for a, b in ((0, 20), (20, 21), (21, 75)):
         cache.append(conv(k[:, :, a:b]), conv(v[:, :, a:b]), queries=conv(q[:, :, a:b]))

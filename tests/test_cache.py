@@ -31,15 +31,16 @@ def stored_bytes(cache: KVCache) -> list[bytes]:
     rows = cache.value_rows
     if rows:
         out += [np.concatenate([getattr(r, f) for r in rows], axis=2).tobytes() for f in ("packed", "scale", "zero")]
-    s = cache._state
-    out += [np.ascontiguousarray(a).tobytes() for a in (s.residual_keys, s.residual_values, s.qsum) if a is not None]
+    s = cache.state
+    out += [np.ascontiguousarray(a).tobytes() for a in (*cache.residual, s.stats.qsum) if a is not None]
     return out
 
 
 def small_config(**kw):
+    """G=8, R=32, budget (2, 3); flat overrides, fields the chosen strategy does not use ignored."""
     base = dict(group_size=8, residual_length=32, budget=(2, 3))
     base.update(kw)
-    return MixKVQConfig(**base)
+    return MixKVQConfig.from_dict(base)
 
 
 # -- streaming semantics --------------------------------------------------------------------------
@@ -158,13 +159,13 @@ def test_budget_mode_hits_its_exact_counts_and_bytes():
     values = B * H * R * (D * 2 // 8 + 2 * (D // G) * 2)
     qstats = B * H * D * 8
     assert cache.nbytes == 3 * (per_block + values) + qstats
-    assert mixkvq.layout.PackedLayout(cfg, D).budget_block_nbytes(B * H) == per_block + values
+    assert B * H * cfg.costs(D).head_block_bytes(cfg.keys.tier_counts(D), cfg.values.bits) == per_block + values
     assert cache.nominal_key_bits == (2 * 16 + 3 * 4 + 11 * 2) / 16
 
 
 def test_budget_fractions_follow_the_paper_default():
     cfg = MixKVQConfig()
-    assert cfg.budget_counts(64) == (2, 8) and cfg.budget_counts(128) == (4, 16)
+    assert cfg.keys.counts(64) == (2, 8) and cfg.keys.counts(128) == (4, 16)
 
 
 def test_threshold_mode_follows_the_rule():
@@ -228,8 +229,8 @@ def test_nbytes_is_the_sum_of_the_real_arrays():
     k, v, q = stream(T=150)
     cache = KVCache(small_config(tier_mode="threshold", thresholds=(0.8, 0.2)))
     cache.append(k, v, queries=q)
-    s = cache._state
-    arrays = [s.residual_keys, s.residual_values, s.qsum]
+    s = cache.state.storage
+    arrays = [s.residual_keys, s.residual_values, cache.state.stats.qsum]
     for blk in s.key_blocks:
         arrays += [blk.tier_map] + [a for rows in blk.tiers.values() for a in (rows.packed, rows.scale, rows.zero) if a is not None]
     for rows in s.value_rows:
@@ -302,9 +303,17 @@ def test_metadata_overflow_mid_stream_leaves_the_cache_unchanged():
         (dict(mid_bits=9), r"mid_bits must be an integer in 1..8"),
         (dict(low_bits=0), r"low_bits must be"),
         (dict(value_bits=12), r"value_bits must be"),
-        (dict(tier_mode="ratio"), r"tier_mode must be 'budget', 'threshold' or 'rd'"),
+        (dict(tier_mode="ratio"), r"tier_mode must be one of 'uniform', 'budget', 'threshold', 'rd'"),
         (dict(budget=(0.9, 0.5)), r"budget fractions must lie in \[0, 1\] and sum to at most 1"),
-        (dict(thresholds=(0.1, 0.5)), r"tau_high >= tau_mid"),
+        (dict(tier_mode="threshold", thresholds=(0.1, 0.5)), r"tau_high >= tau_mid"),
+        (dict(thresholds=(1.0, 0.5)), r"thresholds does not apply here: tier_mode='budget' uses budget"),
+        (dict(rd_bits=3.0), r"rd_bits does not apply here"),
+        (dict(tier_mode="rd", value_bits=3), r"rd chooses the value width per block"),
+        (dict(budget=(True, False)), r"not booleans"),
+        (dict(budget=None), r"must not be null"),
+        (dict(tier_mode="rd", rd_bits=1e308), r"rd_bits must be at most 128"),
+        (dict(tier_mode="rd", rd_bits=True), r"rd_bits must be a number of bits"),
+        (dict(policy="uniform", tier_mode="threshold"), r"is KIVI"),
         (dict(meta_dtype="int8"), r"meta_dtype must be one of"),
         (dict(high_dtype="float32"), r"high_dtype must be one of"),
         (dict(value_window="ring"), r"value_window must be"),

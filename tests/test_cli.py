@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from mixkvq.cli import main
+from mixkvq.apps.cli import main
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mixkvq.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "mixkvq.apps.cli", *args], capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
 
 
@@ -65,7 +65,7 @@ def patched_model():
 
 
 def test_eval_and_calibrate_end_to_end(tmp_path, capsys, monkeypatch, patched_model):
-    import mixkvq.cli as cli
+    import mixkvq.apps.cli as cli
 
     monkeypatch.setattr(cli, "_model", lambda args: patched_model)
     out = tmp_path / "ev"
@@ -86,7 +86,7 @@ def test_eval_and_calibrate_end_to_end(tmp_path, capsys, monkeypatch, patched_mo
     from mixkvq import MixKVQConfig
 
     cfg = MixKVQConfig.load(cfg_out)
-    assert cfg.tier_mode == "threshold" and cfg.thresholds[0] >= cfg.thresholds[1]
+    assert cfg.tier_mode == "threshold" and cfg.keys.tau_high >= cfg.keys.tau_mid
     rc = main(["generate", "--prompt", "The capital of France is", "--methods", "mixkvq_thr" if False else "mixkvq",
                "--max-new-tokens", "3", "--config", str(cfg_out)])
     assert rc == 0 and "== mixkvq" in capsys.readouterr().out
@@ -101,8 +101,8 @@ def _small_config(tmp_path) -> str:
 
 
 def test_calibrate_layers_then_eval_rdl_rows(tmp_path, capsys, monkeypatch, patched_model):
-    import mixkvq.cli as cli
-    from mixkvq.layer_budget import LayerProfile
+    import mixkvq.apps.cli as cli
+    from mixkvq.apps.layer_budget import LayerProfile
 
     monkeypatch.setattr(cli, "_model", lambda args: patched_model)
     prof = tmp_path / "layers.json"

@@ -225,17 +225,16 @@ def test_cache_and_fused_attention(where, c, B, H, n_rep, D, extra, Tq, causal, 
         c["policy"] = "key_only" if c["policy"] == "uniform" else c["policy"]
         c["value_window"] = "block"
         rd = dict(rd_bits=20.0)
-    cfg = MixKVQConfig(policy=c["policy"], tier_mode=c["tier_mode"], meta_dtype=c["meta_dtype"],
-                       high_dtype=c["high_dtype"], mid_bits=c["mid_bits"], low_bits=2, value_bits=c["value_bits"],
-                       value_window=c["value_window"], group_size=c["group"], residual_length=R,
-                       budget=(1, min(2, D - 1)), thresholds=(1.0, 0.5), **rd)
+    cfg = MixKVQConfig.from_dict(dict(policy=c["policy"], tier_mode=c["tier_mode"], meta_dtype=c["meta_dtype"],
+                                      high_dtype=c["high_dtype"], mid_bits=c["mid_bits"], low_bits=2, value_bits=c["value_bits"],
+                                      value_window=c["value_window"], group_size=c["group"], residual_length=R,
+                                      budget=(1, min(2, D - 1)), thresholds=(1.0, 0.5), **rd))
     T = c["blocks"] * R + extra
     rng = np.random.default_rng(seed)
     k, v = (rng.standard_normal((2, B, H, T, D)) * 2).astype(np.float32)
     q = rng.standard_normal((B, H * n_rep, T, D)).astype(np.float32)
-    ref = KVCache(cfg.replace(backend="numpy"))
-    mine = KVCache(cfg)
-    mine._backend = _make(where, attention_split_tokens=split)
+    ref = KVCache(cfg, backend="numpy")
+    mine = KVCache(cfg, backend=_make(where, attention_split_tokens=split))
     for lo, hi in ((0, T // 3), (T // 3, T)):  # streamed in two chunks
         if hi > lo:
             ref.append(k[:, :, lo:hi], v[:, :, lo:hi], queries=q[:, :, lo:hi])
@@ -315,7 +314,7 @@ def test_fused_attention_stays_finite_for_values_near_the_float32_limit():
     q = rng.standard_normal((1, 4, 24, 8)).astype(np.float32)
     outs = []
     for name in ("numpy", "cupy-cpu"):
-        cache = mixkvq.KVCache(mixkvq.MixKVQConfig(policy="uniform", residual_length=32, group_size=8, backend=name))
+        cache = mixkvq.KVCache(mixkvq.MixKVQConfig(policy="uniform", residual_length=32, group_size=8), backend=name)
         cache.append(k, v)
         outs.append(np.asarray(cache.attention(q[:, :, -1:])))
     assert np.isfinite(outs[1]).all()

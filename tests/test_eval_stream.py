@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from mixkvq import MixKVQConfig
-from mixkvq.eval.methods import Method
+from mixkvq.apps.eval.methods import Method
 
 
 def test_exact_chunk_period_follows_the_storage_rule():
@@ -47,8 +47,8 @@ def _stored_bytes(cache) -> list[bytes]:
 def test_exact_chunks_match_token_by_token_across_block_flushes(hf64, config):
     import torch
 
-    from mixkvq.eval.harness import stream
-    from mixkvq.eval.methods import build_cache
+    from mixkvq.apps.eval.harness import stream
+    from mixkvq.apps.eval.methods import build_cache
 
     model, tok = hf64
     ids = tok("Rivers carry sediment from the mountains to the sea, and deltas grow where the current slows. " * 8,

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixkvq.sim.golden import VECTOR_VERSION, cases, check_vectors
+from mixkvq.format import FORMAT_VERSION
+from mixkvq.testing.golden import cases, check_vectors
 
 VECTORS = Path(__file__).parent / "vectors" / "v1"
 
@@ -32,7 +33,7 @@ def test_manifest_covers_every_case():
     import json
 
     manifest = json.loads((VECTORS / "manifest.json").read_text())
-    assert manifest["format_version"] == VECTOR_VERSION
+    assert manifest["format_version"] == FORMAT_VERSION
     assert [c["name"] for c in manifest["cases"]] == [name for name, *_ in cases()]
     kinds = {c["kind"] for c in manifest["cases"]}
     assert kinds == {"pack", "quantize", "half", "cache"}

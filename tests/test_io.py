@@ -11,10 +11,10 @@ from mixkvq import KVCache, MixKVQConfig
 from mixkvq.io import CacheFileError, load_cache, load_tensors, save_cache, save_tensors
 
 CONFIGS = [
-    MixKVQConfig(residual_length=32, group_size=32, backend="numpy"),
-    MixKVQConfig(residual_length=32, group_size=16, tier_mode="threshold", thresholds=(0.5, 0.1), backend="numpy"),
-    MixKVQConfig(policy="uniform", low_bits=4, value_bits=4, residual_length=32, backend="numpy"),
-    MixKVQConfig(residual_length=32, value_window="sliding", meta_dtype="bfloat16", backend="numpy"),
+    MixKVQConfig(residual_length=32, group_size=32),
+    MixKVQConfig(residual_length=32, group_size=16, tier_mode="threshold", thresholds=(0.5, 0.1)),
+    MixKVQConfig(policy="uniform", low_bits=4, value_bits=4, residual_length=32),
+    MixKVQConfig(residual_length=32, value_window="sliding", meta_dtype="bfloat16"),
 ]
 
 
@@ -24,7 +24,7 @@ def _filled(cfg: MixKVQConfig, tokens: int = 80, seed: int = 0) -> KVCache:
     k = rng.standard_normal((B, H, tokens, D)).astype(np.float32)
     v = rng.standard_normal((B, H, tokens, D)).astype(np.float32)
     q = rng.standard_normal((B, Hq, tokens, D)).astype(np.float32)
-    cache = KVCache(cfg)
+    cache = KVCache(cfg, backend="numpy")
     cache.append(k[:, :, :50], v[:, :, :50], queries=q[:, :, :50])
     cache.append(k[:, :, 50:], v[:, :, 50:])
     cache.observe_queries(q[:, :, 50:70])  # the query stream lags: snapshots stay pending
@@ -62,7 +62,7 @@ def test_round_trip_is_byte_identical(tmp_path, cfg):
 
 
 def test_empty_cache_round_trip(tmp_path):
-    cache = KVCache(MixKVQConfig(backend="numpy"))
+    cache = KVCache(MixKVQConfig(), backend="numpy")
     save_cache(cache, tmp_path / "e")
     assert load_cache(tmp_path / "e").seq_len == 0
 
@@ -102,13 +102,13 @@ def test_wrong_version_kind_and_config_are_rejected(tmp_path):
         load_cache(p, config=CONFIGS[0].replace(low_bits=3))
     with pytest.raises(CacheFileError, match="expected 'mixkvq.tensors'"):
         load_tensors(p)
-    old = mio.SCHEMA_VERSION
+    old = mio.FORMAT_VERSION
     try:
-        mio.SCHEMA_VERSION = 99
+        mio.FORMAT_VERSION = 99
         save_cache(cache, tmp_path / "v99")
     finally:
-        mio.SCHEMA_VERSION = old
-    with pytest.raises(CacheFileError, match="schema version 99"):
+        mio.FORMAT_VERSION = old
+    with pytest.raises(CacheFileError, match="format version 99"):
         load_cache(tmp_path / "v99")
     (tmp_path / "junk").write_text("not a cache")
     with pytest.raises(CacheFileError, match="not a mixkvq file"):

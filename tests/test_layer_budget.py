@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mixkvq import MixKVQConfig
-from mixkvq.layer_budget import QUANTUM, LayerProfile
+from mixkvq.apps.layer_budget import QUANTUM, LayerProfile
 
 
 @st.composite
@@ -67,7 +67,7 @@ def test_target_below_the_grid_and_non_rd_configs_are_rejected():
     with pytest.raises(ValueError, match="tier_mode='rd'"):
         profile.layer_configs(MixKVQConfig(), 3.5)
     cfgs = profile.layer_configs(MixKVQConfig(tier_mode="rd"), 4.0)
-    assert cfgs[0].rd_bits == 4.0 and cfgs[0].tier_mode == "rd"
+    assert cfgs[0].keys.bits == 4.0 and cfgs[0].tier_mode == "rd"
 
 
 def test_profile_round_trips_and_foreign_files_are_refused(tmp_path):
@@ -94,8 +94,8 @@ def test_full_precision_layers_are_exact_and_counted_at_their_bytes(hf):
     import torch
     from transformers import DynamicCache
 
-    from mixkvq.eval.harness import stream
-    from mixkvq.eval.methods import cache_stats
+    from mixkvq.apps.eval.harness import stream
+    from mixkvq.apps.eval.methods import cache_stats
     from mixkvq.integrations.transformers import MixKVQCache
 
     model, tok, _ = hf
@@ -119,8 +119,8 @@ def test_full_precision_layers_are_exact_and_counted_at_their_bytes(hf):
 
 
 def test_profile_on_the_embedded_model(hf):
-    from mixkvq.eval.harness import capture_qkv
-    from mixkvq.eval.layer_profile import profile_layers
+    from mixkvq.apps.eval.harness import capture_qkv
+    from mixkvq.apps.eval.layer_profile import profile_layers
 
     model, tok, _ = hf
     text = "The history of the city begins with a small settlement on the river. " * 30
@@ -150,7 +150,7 @@ def test_profile_on_the_embedded_model(hf):
     import torch
     from transformers import DynamicCache
 
-    from mixkvq.eval.harness import stream
+    from mixkvq.apps.eval.harness import stream
     from mixkvq.integrations.transformers import MixKVQCache
 
     n = model.config.num_hidden_layers

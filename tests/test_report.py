@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mixkvq.eval.report import frontier_checks, frontier_sections, paired_nll_difference
+from mixkvq.apps.eval.report import frontier_checks, frontier_sections, paired_nll_difference
 
 
 def _row(name: str, block_bits: float | None, delta_ppl: float, nll: "list[float] | None" = None) -> dict:

@@ -25,11 +25,11 @@ def test_attention_from_codes_within_tolerance(mode, D):
     k[..., ::7] += 50.0  # offset channels: zeros far from the dequantized keys
     v = (rng.standard_normal((B, H, T, D)) * 30).astype(np.float32)
     q = rng.standard_normal((B, H * n_rep, T, D)).astype(np.float32)
-    cfg = MixKVQConfig(tier_mode=mode, group_size=32, residual_length=64, thresholds=(30.0, 5.0))
-    ref, dut = KVCache(cfg.replace(backend="numpy")), KVCache(cfg.replace(backend="torch"))
+    cfg = MixKVQConfig.from_dict(dict(tier_mode=mode, group_size=32, residual_length=64, thresholds=(30.0, 5.0)))
+    ref, dut = KVCache(cfg, backend="numpy"), KVCache(cfg, backend="torch")
     ref.append(k, v, q)
     dut.append(torch.from_numpy(k), torch.from_numpy(v), torch.from_numpy(q))
-    keys, values = ref.view().dequantized()
+    keys, values = ref.layout.dequantized(ref.backend, ref.state.storage)
     for Tq, causal in ((1, True), (7, True), (3, False)):
         qn = q[:, :, T - Tq:] * 3
         want = ref.attention(qn, causal=causal)
@@ -68,10 +68,10 @@ def test_attention_values_near_float32_limit_stay_finite():
         k = make_values((1, 1, 74, 1), "normal", seed).astype(np.float32)
         v = make_values((1, 1, 74, 1), "huge_range", seed + 1).astype(np.float32)
         q = make_values((1, 1, 74, 1), "normal", seed + 2).astype(np.float32)
-        ref, dut = KVCache(cfg.replace(backend="numpy")), KVCache(cfg.replace(backend="torch"))
+        ref, dut = KVCache(cfg, backend="numpy"), KVCache(cfg, backend="torch")
         ref.append(k, v, q)
         dut.append(torch.from_numpy(k), torch.from_numpy(v), torch.from_numpy(q))
-        keys, values = ref.view().dequantized()
+        keys, values = ref.layout.dequantized(ref.backend, ref.state.storage)
         want = ref.attention(q[:, :, -1:], causal=False)
         got = dut.attention(torch.from_numpy(q[:, :, -1:]), causal=False).numpy()
         assert np.isfinite(got).all()

@@ -96,7 +96,7 @@ def test_bad_input_gets_the_shared_validation_messages(bad):
     with pytest.raises(TypeError) as e:
         mixkvq.quantize(torch.zeros(3, dtype=torch.int32), bits=2)
     assert "int32" in str(e.value)
-    cache = KVCache(MixKVQConfig(backend="torch", policy="key_only", group_size=2, residual_length=2))
+    cache = KVCache(MixKVQConfig(policy="key_only", group_size=2, residual_length=2), backend="torch")
     with pytest.raises(ValueError, match="same shape"):
         cache.append(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 3, 4))
 
@@ -120,12 +120,12 @@ def test_attention_blockwise_matches_reference(window, chunk_tokens, monkeypatch
     k, v = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(2))
     q = rng.standard_normal((B, H * n_rep, T, D)).astype(np.float32)
     cfg = MixKVQConfig(group_size=4, residual_length=8, budget=(1, 2), value_window=window)
-    ref, dut = KVCache(cfg.replace(backend="numpy")), KVCache(cfg.replace(backend="torch"))
+    ref, dut = KVCache(cfg, backend="numpy"), KVCache(cfg, backend="torch")
     for a, b in ((0, 13), (13, 30), (30, 45)):
         ref.append(k[:, :, a:b], v[:, :, a:b], q[:, :, a:b])
         dut.append(torch.from_numpy(k[:, :, a:b]), torch.from_numpy(v[:, :, a:b]), torch.from_numpy(q[:, :, a:b]))
     monkeypatch.setattr(type(TB), "attention_chunk_tokens", chunk_tokens)
-    keys, values = ref.view().dequantized()
+    keys, values = ref.layout.dequantized(ref.backend, ref.state.storage)
     for Tq, causal in ((1, True), (5, True), (5, False)):
         qn = q[:, :, T - Tq:]
         want = ref.attention(qn, causal=causal)
@@ -140,9 +140,9 @@ def test_bfloat16_cache_stores_the_simulators_bytes():
     vt = torch.from_numpy(rng.standard_normal((1, 2, 20, 16)).astype(np.float32)).to(torch.bfloat16)
     qt = torch.from_numpy(rng.standard_normal((1, 4, 20, 16)).astype(np.float32)).to(torch.bfloat16)
     cfg = MixKVQConfig(group_size=8, residual_length=8, budget=(2, 2), meta_dtype="bfloat16")
-    ref = KVCache(cfg.replace(backend="numpy"))
+    ref = KVCache(cfg, backend="numpy")
     ref.append(kt.float().numpy(), vt.float().numpy(), qt.float().numpy())
-    dut = KVCache(cfg.replace(backend="torch"))
+    dut = KVCache(cfg, backend="torch")
     dut.append(kt, vt, qt)
     got, want = list(dut.arrays()), list(ref.arrays())
     assert len(got) == len(want)
@@ -169,7 +169,7 @@ def test_cuda_matches_cpu():
 
 
 def test_bench_quick_smoke(capsys):
-    from mixkvq import bench
+    from mixkvq.apps import bench
 
     rows = bench.run(quick=True, backends=("torch",), lengths=(256,), shapes=((1, 16, 2),))
     assert {r["op"] for r in rows} == {"quantize+pack", "unpack+dequantize", "flush", "decode"}

@@ -79,7 +79,7 @@ def test_beam_search_and_sampling_run_on_quantized_storage(hf):
     torch.manual_seed(0)
     cache = _cache(model, residual_length=32)
     out = _gen(model, enc, cache, max_new_tokens=8, do_sample=True, num_return_sequences=2)
-    assert out.shape[0] == 4 and cache.kv_caches[0]._shape[0] == 4
+    assert out.shape[0] == 4 and cache.kv_caches[0].shape[0] == 4
 
 
 def test_reorder_and_crop_match_a_fresh_cache(hf):
@@ -130,7 +130,7 @@ def test_query_aware_needs_the_attention_function(hf):
 
 
 def test_config_path_and_unsupported_model(tmp_path, hf):
-    from mixkvq.data import DataError, check_supported
+    from mixkvq.apps.data import DataError, check_supported
     from mixkvq.integrations.transformers import MixKVQCache
 
     model, _, _ = hf
@@ -153,9 +153,9 @@ def test_packed_attention_matches_the_dequantized_path_without_forming_the_histo
     model, tok, _ = hf
     text = "The history of the city begins in the Roman period, when a small settlement grew along the river. " * 6
     enc = tok([text], return_tensors="pt")
-    cfg = MixKVQConfig(residual_length=32, backend="torch")
-    deq = MixKVQCache(cfg, model_config=model.config)
-    packed = MixKVQCache(cfg, model_config=model.config, attention="packed")
+    cfg = MixKVQConfig(residual_length=32)
+    deq = MixKVQCache(cfg, model_config=model.config, backend="torch")
+    packed = MixKVQCache(cfg, model_config=model.config, attention="packed", backend="torch")
     with torch.no_grad():
         a = model(**enc, past_key_values=deq).logits[:, -1]
         b = model(**enc, past_key_values=packed).logits[:, -1]

@@ -12,14 +12,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mixkvq.config import HIGH_BITS
+from mixkvq.backend import BackendBase
 from mixkvq.dtypes import dtype_name
-from mixkvq.errors import raise_meta_overflow
+from mixkvq.format import DTYPE_KIND as _KIND
+from mixkvq.format import FIXED_ONE, TIER_SLOTS, meta_overflow_error, n_groups, row_bytes
 
 from . import kernels as K
 from .launch import CupyLauncher, Launcher
 
-_KIND = {"float16": 0, "bfloat16": 1, "float32": 2}
 _META_STORAGE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
 _META_OF_STORAGE = {"float16": "float16", "uint16": "bfloat16", "float32": "float32"}
 #: Blocks per multiprocessor of the element-wise kernels (grid-stride loops do the rest).
@@ -34,7 +34,7 @@ def _i32(v: int) -> np.int32:
     return np.int32(v)
 
 
-class _KernelBackend:
+class _KernelBackend(BackendBase):
     """Shared implementation; ``launcher`` decides where kernels run."""
 
     name = "cupy"
@@ -118,7 +118,7 @@ class _KernelBackend:
         xp = self.xp
         codes = xp.ascontiguousarray(codes, dtype=xp.uint8)
         n = int(codes.shape[-1])
-        rb = (n * bits + 7) // 8
+        rb = row_bytes(n, bits)
         out = xp.empty(codes.shape[:-1] + (rb,), dtype=xp.uint8)
         rows = self._rows(codes.shape)
         self._run(f"pack_codes<{bits}>", rows * rb, [codes, np.int64(rows), _i32(n), _i32(rb), out])
@@ -141,7 +141,7 @@ class _KernelBackend:
         xp = self.xp
         x32 = self._f32(x)
         n = int(x32.shape[-1])
-        ng, rb = -(-n // group_size), (n * bits + 7) // 8
+        ng, rb = n_groups(n, group_size), row_bytes(n, bits)
         rows = self._rows(x32.shape)
         lead = x32.shape[:-1]
         scale = xp.empty(lead + (ng,), dtype=_META_STORAGE[meta_dtype])
@@ -152,7 +152,7 @@ class _KernelBackend:
                                             np.float32(2**bits - 1), kind, scale, zero, bad])
         if rows * ng and bool(bad.any()):
             first = int(xp.argmax(bad.reshape(-1)))
-            raise_meta_overflow(name, tuple(int(i) for i in np.unravel_index(first, bad.shape)), meta_dtype)
+            raise meta_overflow_error(name, tuple(int(i) for i in np.unravel_index(first, bad.shape)), meta_dtype)
         packed = xp.empty(lead + (rb,), dtype=xp.uint8)
         self._run(f"quant_pack<{bits}>", rows * rb, [x32, np.int64(rows), _i32(n), _i32(group_size), _i32(ng),
                                                      _i32(rb), kind, scale, zero, packed])
@@ -182,7 +182,7 @@ class _KernelBackend:
         self._run("encode_half", x32.size, [x32, np.int64(x32.size), _i32(_KIND[high_dtype]), words, bad])
         if x32.size and bool(bad.any()):
             first = int(xp.argmax(bad.reshape(-1)))
-            raise_meta_overflow(name, tuple(int(i) for i in np.unravel_index(first, bad.shape)), high_dtype,
+            raise meta_overflow_error(name, tuple(int(i) for i in np.unravel_index(first, bad.shape)), high_dtype,
                                 what="16-bit key channel")
         return words.view(xp.uint8).reshape(x32.shape[:-1] + (2 * int(x32.shape[-1]),))
 
@@ -210,7 +210,7 @@ class _KernelBackend:
             return xp.ones(tuple(qsum.shape), dtype=xp.float32)
         qsum = xp.ascontiguousarray(qsum, dtype=xp.int64)
         out = xp.empty(qsum.shape, dtype=xp.float32)
-        self._run("relevance", qsum.size, [qsum, np.int64(qsum.size), np.int64(count * n_rep * 65536), out])
+        self._run("relevance", qsum.size, [qsum, np.int64(qsum.size), np.int64(count * n_rep * FIXED_ONE), out])
         return out
 
     def difficulty(self, keys: Any, low_bits: int) -> Any:
@@ -245,18 +245,18 @@ class _KernelBackend:
     def _ptr(self, a: Any) -> int:
         return int(a.ctypes.data) if self.xp is np else int(a.data.ptr)
 
-    def attention_plan(self, view: Any, B: int, H: int) -> dict[str, Any]:
-        """Index tables of a cache view for :meth:`attention`: stacked tier maps
+    def attention_plan(self, storage: Any, layout: Any, B: int, H: int) -> dict[str, Any]:
+        """Index tables of a cache's storage for :meth:`attention`: stacked tier maps
         ``(nkb, B*H*D)`` uint8, row index of each channel within its tier ``(nkb, B*H*D)``
-        int32, pointer tables of key tiers ``(nkb, 17, 3)`` and value chunks ``(nvc, 3)``
+        int32, pointer tables of key tiers ``(nkb, TIER_SLOTS, 3)`` and value chunks ``(nvc, 3)``
         (uint64: packed, scale, zero), token -> value chunk ``(nvq,)`` int32 and chunk
         (start, length, bits) ``(nvc, 3)`` int64. Holds references to every array it points to."""
-        xp, cfg = self.xp, view.config
-        D, R = int(view.head_dim), int(cfg.residual_length)
+        xp, cfg = self.xp, layout.config
+        D, R = int(layout.head_dim), int(cfg.residual_length)
         keep: list[Any] = []
-        blocks = view.key_blocks
+        blocks = storage.key_blocks
         nkb = len(blocks)
-        kptr = np.zeros((max(nkb, 1), 17, 3), dtype=np.uint64)
+        kptr = np.zeros((max(nkb, 1), TIER_SLOTS, 3), dtype=np.uint64)
         if nkb:
             tm = xp.ascontiguousarray(xp.stack([blk.tier_map for blk in blocks]).reshape(nkb, -1), dtype=xp.uint8)
             row_index = xp.zeros(tm.shape, dtype=xp.int32)
@@ -275,7 +275,7 @@ class _KernelBackend:
         else:
             tm = xp.zeros((1, 1), dtype=xp.uint8)
             row_index = xp.zeros((1, 1), dtype=xp.int32)
-        chunks = view.value_rows
+        chunks = storage.value_rows
         sizes = [int(c.packed.shape[2]) for c in chunks]
         nvq = sum(sizes)
         vptr = np.zeros((max(len(chunks), 1), 3), dtype=np.uint64)
@@ -286,7 +286,7 @@ class _KernelBackend:
                 a = xp.ascontiguousarray(a)
                 keep.append(a)
                 vptr[c, s] = self._ptr(a) if a.size else 0
-            vchunk[c] = (start, n, int(getattr(rows, "bits", cfg.value_bits)))
+            vchunk[c] = (start, n, int(rows.bits))
             start += n
         vtok = np.repeat(np.arange(len(chunks), dtype=np.int32), sizes) if nvq else np.zeros(1, np.int32)
 
@@ -295,27 +295,27 @@ class _KernelBackend:
                 return xp.zeros(1, dtype=xp.float32), 0
             return self._f32(a), int(a.shape[2])
 
-        res_k, rk = residual(view.residual_keys)
-        res_v, rv = residual(view.residual_values)
+        res_k, rk = residual(storage.residual_keys)
+        res_v, rv = residual(storage.residual_values)
         T = nkb * R + rk
         if T != nvq + rv:
-            raise ValueError(f"cache view holds {T} key tokens but {nvq + rv} value tokens")
+            raise ValueError(f"cache storage holds {T} key tokens but {nvq + rv} value tokens")
         return dict(nkb=nkb, R=R, tm=tm, row_index=row_index, kptr=xp.asarray(kptr), res_k=res_k, nvq=nvq,
                     vtok=xp.asarray(vtok), vchunk=xp.asarray(vchunk), vptr=xp.asarray(vptr), res_v=res_v, T=T,
                     keep=keep)
 
-    def attention(self, q: Any, view: Any, *, scale: float, causal: bool, plan: dict | None = None) -> Any:
+    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, plan: dict | None = None) -> Any:
         """Fused decode attention: q ``(B, Hq, Tq, D)`` -> float32 ``(B, Hq, Tq, D)``, reading the
         packed key blocks, packed values and the residual directly (flash-decoding splits)."""
-        xp, cfg = self.xp, view.config
+        xp, cfg = self.xp, layout.config
         q32 = self._f32(q)
         B, Hq, Tq, D = (int(s) for s in q32.shape)
         if D > K.ATTN_MAXD:
             raise NotImplementedError(f"the fused attention kernel supports head_dim <= {K.ATTN_MAXD}; got {D}")
-        tmpl = view.residual_keys if view.residual_keys is not None else view.key_blocks[0].tier_map
+        tmpl = storage.residual_keys if storage.residual_keys is not None else storage.key_blocks[0].tier_map
         H = int(tmpl.shape[1])
         n_rep = Hq // H
-        p = plan if plan is not None else self.attention_plan(view, B, H)
+        p = plan if plan is not None else self.attention_plan(storage, layout, B, H)
         T = p["T"]
         nz = -(-(n_rep * Tq) // K.ATTN_QROWS)
         split = self.attention_split_tokens

@@ -69,11 +69,12 @@ def signature_of(name_expr: str) -> str:
 def read_source(module: str, *, inline_includes: bool = True) -> str:
     """The module's CUDA source; local ``#include "x.cuh"`` lines are inlined so NVRTC needs
     no include path and the source hash covers the headers."""
-    path = KERNEL_DIR / MODULES[module][0]
-    text = path.read_text()
-    if not inline_includes:
-        return text
-    out, seen = [], set()
+    text = (KERNEL_DIR / MODULES[module][0]).read_text()
+    return _inline(text, set()) if inline_includes else text
+
+
+def _inline(text: str, seen: set[str]) -> str:
+    out = []
     for line in text.splitlines(keepends=True):
         stripped = line.strip()
         if stripped.startswith('#include "'):
@@ -81,7 +82,7 @@ def read_source(module: str, *, inline_includes: bool = True) -> str:
             if header not in seen:
                 seen.add(header)
                 body = (KERNEL_DIR / header).read_text().replace("#pragma once\n", "")
-                out.append(f"// ---- {header} (inlined) ----\n{body}\n")
+                out.append(f"// ---- {header} (inlined) ----\n{_inline(body, seen)}\n")
         else:
             out.append(line)
     return "".join(out)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from mixkvq.config import HIGH_BITS
+from mixkvq.format import HIGH_BITS, n_groups
 
 from . import ops
 
@@ -45,7 +45,7 @@ def _codes_grouped(packed: torch.Tensor, bits: int, n: int, group: int, dtype: t
     otherwise ``P = 1``, ``gb = group`` (generic unpack).
     """
     *lead, rows, nbytes = packed.shape
-    ng = -(-n // group)
+    ng = n_groups(n, group)
     if bits in (1, 2, 4, 8) and (group * bits) % 8 == 0 and n == ng * group:
         gb = group * bits // 8
         src = packed.reshape(*lead, rows, ng, gb).transpose(-2, -3).contiguous()  # (*lead, ng, rows, gb) bytes
@@ -138,7 +138,7 @@ def block_scores(qg: torch.Tensor, blocks: list[Any], config: Any) -> torch.Tens
     G = config.group_size
     nb = len(blocks)
     tier_maps = torch.stack([b.tier_map for b in blocks])  # (nb, B, H, D)
-    ngk = -(-R // G)
+    ngk = n_groups(R, G)
     acc = torch.zeros((nb, B, H, ngk, M, G), dtype=torch.float32, device=qg.device)
     widths = sorted({w for b in blocks for w in b.tiers})
     qexp = qg.unsqueeze(0).expand(nb, B, H, M, D)
@@ -174,9 +174,9 @@ def block_scores(qg: torch.Tensor, blocks: list[Any], config: Any) -> torch.Tens
 class ValueReader:
     """``sum_t p_t v_t`` over any token range, from the per-token chunks and the residual."""
 
-    def __init__(self, view: Any) -> None:
-        self.view = view
-        self.rows = list(view.value_rows)
+    def __init__(self, storage: Any, layout: Any) -> None:
+        self.storage, self.layout = storage, layout
+        self.rows = list(storage.value_rows)
         self.starts: list[int] = []
         pos = 0
         for rows in self.rows:
@@ -186,8 +186,8 @@ class ValueReader:
 
     def weighted_sum(self, p: torch.Tensor, a: int) -> torch.Tensor:
         """``p`` float32 ``(B, H, M, n)`` for tokens ``[a, a+n)`` -> float32 ``(B, H, M, D)``."""
-        cfg, D = self.view.config, self.view.head_dim
         B, H, M, n = p.shape
+        D = self.layout.head_dim
         b = a + n
         out = torch.zeros((B, H, M, D), dtype=torch.float32, device=p.device)
         i = max(0, bisect.bisect_right(self.starts, a) - 1)
@@ -203,14 +203,14 @@ class ValueReader:
             rows, start = self.rows[i], self.starts[i]
             lo, hi = max(a, start), min(b, start + rows.n_tokens)
             if lo < hi:
-                bits = getattr(rows, "bits", cfg.value_bits)
+                bits = rows.bits
                 if bits != run_bits:
                     flush()
                     run, run_bits, run_start = [], bits, lo
                 run.append((rows, lo - start, hi - start))
             i += 1
         flush()
-        res = self.view.residual_values
+        res = self.storage.residual_values
         if res is not None and b > self.residual_start:
             lo = max(a, self.residual_start)
             v = ops.to_float32(res[:, :, lo - self.residual_start: b - self.residual_start])
@@ -218,8 +218,7 @@ class ValueReader:
         return out
 
     def _quantized(self, out: torch.Tensor, p: torch.Tensor, run: list, offset: int, bits: int) -> None:
-        cfg, D = self.view.config, self.view.head_dim
-        G = cfg.group_size
+        D, G = self.layout.head_dim, self.layout.config.group_size
 
         def cat(xs: list) -> torch.Tensor:
             return xs[0] if len(xs) == 1 else torch.cat(xs, dim=2)
@@ -246,12 +245,12 @@ class ValueReader:
         out += zs
 
 
-def attention(chunk_tokens: int, q: torch.Tensor, view: Any, *, scale: float, causal: bool) -> torch.Tensor:
-    cfg = view.config
+def attention(chunk_tokens: int, q: torch.Tensor, storage: Any, layout: Any, *, scale: float, causal: bool) -> torch.Tensor:
+    cfg = layout.config
     q32 = ops.to_float32(q)
     B, Hq, Tq, D = q32.shape
-    blocks = view.key_blocks
-    res_k = view.residual_keys
+    blocks = storage.key_blocks
+    res_k = storage.residual_keys
     n_res = int(res_k.shape[2]) if res_k is not None else 0
     H = int(blocks[0].tier_map.shape[1]) if blocks else int(res_k.shape[1])
     n_rep = Hq // H
@@ -264,7 +263,7 @@ def attention(chunk_tokens: int, q: torch.Tensor, view: Any, *, scale: float, ca
     m = torch.full((B, H, M, 1), -math.inf, dtype=torch.float32, device=device)
     l = torch.zeros((B, H, M, 1), dtype=torch.float32, device=device)
     acc = torch.zeros((B, H, M, D), dtype=torch.float64, device=device)  # normalised output so far
-    values = ValueReader(view)
+    values = ValueReader(storage, layout)
 
     def step(start: int, s: torch.Tensor) -> None:  # s: float32 scores (B, H, M, n)
         nonlocal m, l, acc

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mixkvq.config import HIGH_BITS
+from mixkvq.backend import BackendBase
 
 from . import ops
 from .attention import attention as _fast_attention
@@ -28,7 +28,7 @@ def _device_of(like: Any) -> "torch.device | None":
     return like.device if isinstance(like, torch.Tensor) else None
 
 
-class TorchBackend:
+class TorchBackend(BackendBase):
     """Bit-exact torch implementation of docs/numerics.md (see :mod:`mixkvq.backends.torch.ops`).
 
     Attributes:
@@ -140,8 +140,8 @@ class TorchBackend:
         return ops.assign_threshold(salience, tau_high, tau_mid, tier_bits)
 
     # -- attention ------------------------------------------------------------------------
-    def attention(self, q: torch.Tensor, view: Any, *, scale: float, causal: bool) -> torch.Tensor:
-        """``softmax(q K^T * scale) V`` over a cache view -> float32 ``q.shape``.
+    def attention(self, q: torch.Tensor, storage: Any, layout: Any, *, scale: float, causal: bool) -> torch.Tensor:
+        """``softmax(q K^T * scale) V`` over a cache's storage -> float32 ``q.shape``.
 
         Scores and ``p @ V`` straight from the codes (scale/zero algebra, no dequantized
         keys or values; :mod:`mixkvq.backends.torch.attention`), all blocks of a chunk (at
@@ -149,4 +149,4 @@ class TorchBackend:
         Grouped-query: query head ``j`` uses KV head ``j // n_rep``; query ``i`` of ``Tq``
         sits at position ``T - Tq + i`` and, when causal, sees positions up to its own.
         """
-        return _fast_attention(self.attention_chunk_tokens, q, view, scale=scale, causal=causal)
+        return _fast_attention(self.attention_chunk_tokens, q, storage, layout, scale=scale, causal=causal)

@@ -14,14 +14,11 @@ from typing import Sequence
 
 import torch
 
-from mixkvq.errors import raise_meta_overflow
+from mixkvq.format import FIXED_MAX, FIXED_ONE, FLOAT_MAX, meta_overflow_error, n_groups, row_bytes
 
 META_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-FIXED_ONE = 65536.0
-FIXED_MAX = float(2**40)
 #: elements per tile of the quantize pipeline (float32 intermediates stay in L2)
 TILE_ELEMENTS = 1 << 18
-_FLOAT_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
 
 
 def to_float32(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +49,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes ``(..., n)`` (< 2^bits) -> uint8 ``(..., ceil(n*bits/8))``, LSB-first."""
     codes = codes.to(torch.uint8)
     lead, n = codes.shape[:-1], codes.shape[-1]
-    nbytes = (n * bits + 7) // 8
+    nbytes = row_bytes(n, bits)
     if bits == 8:
         return codes.clone(memory_format=torch.contiguous_format)
     n8 = -(-n // 8)
@@ -104,16 +101,14 @@ def _check_overflow(bad: torch.Tensor, name: str, dtype: str, what: str | None =
     """§2: raise (the simulator's message) at the first True of ``bad`` in row-major order."""
     if bool(bad.any()):
         index = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
-        if what is None:
-            raise_meta_overflow(name, index, dtype)
-        raise_meta_overflow(name, index, dtype, what=what)
+        raise meta_overflow_error(name, index, dtype) if what is None else meta_overflow_error(name, index, dtype, what=what)
 
 
 # -- §3 quantization -------------------------------------------------------------------------
 def _group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """``(rows, n)`` -> ``(rows, ceil(n/G), G)``, a partial last group padded with its last element."""
     n = x.shape[-1]
-    ng = -(-n // group_size)
+    ng = n_groups(n, group_size)
     pad = ng * group_size - n
     if pad:
         x = torch.cat([x, x[:, -1:].expand(x.shape[0], pad)], dim=-1)
@@ -162,10 +157,10 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, meta_dtype: str, name:
     lead, n = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, n)
     n_rows = rows.shape[0]
-    ng = -(-n // group_size)
+    ng = n_groups(n, group_size)
     G = group_size
     mdt = META_TORCH[meta_dtype]
-    nbytes = (n * bits + 7) // 8
+    nbytes = row_bytes(n, bits)
     packed = torch.empty((n_rows, nbytes), dtype=torch.uint8, device=x.device)
     scale = torch.empty((n_rows, ng), dtype=mdt, device=x.device)
     zero = torch.empty((n_rows, ng), dtype=mdt, device=x.device)
@@ -204,9 +199,8 @@ def cast_output(y32: torch.Tensor, out_dtype: str) -> torch.Tensor:
     """§4 output dtype: float16/bfloat16 saturate to the largest finite value, then RNE."""
     if out_dtype == "float32":
         return y32
-    dt = META_TORCH[out_dtype]
-    limit = _FLOAT_MAX[dt]
-    return y32.clamp(-limit, limit).to(dt)
+    limit = FLOAT_MAX[out_dtype]
+    return y32.clamp(-limit, limit).to(META_TORCH[out_dtype])
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, n: int,
@@ -246,8 +240,8 @@ def decode_half(packed: torch.Tensor, high_dtype: str) -> torch.Tensor:
 # -- §7 query statistics ----------------------------------------------------------------------
 def query_token_sums(q: torch.Tensor, n_rep: int) -> torch.Tensor:
     """``q (B, H*n_rep, T, D)`` -> int64 ``(B, H, T, D)``: exact fixed-point sums of |q|."""
-    m = to_float32(q).abs() * full_like_scalar(q, FIXED_ONE)  # exact scaling by 2^16
-    f = m.round_().clamp_(max=FIXED_MAX).to(torch.int64)
+    m = to_float32(q).abs() * full_like_scalar(q, float(FIXED_ONE))  # exact scaling by 2^16
+    f = m.round_().clamp_(max=float(FIXED_MAX)).to(torch.int64)
     B, Hq, T, D = f.shape
     return f.reshape(B, Hq // n_rep, n_rep, T, D).sum(dim=2)
 
@@ -271,7 +265,7 @@ def relevance(qsum: torch.Tensor, count: int, n_rep: int) -> torch.Tensor:
     """§7 step 5: ``fl32(float32(qsum) / float32(count * n_rep * 2^16))`` -> float32 ``(B, H, D)``."""
     if count == 0:
         return torch.ones(qsum.shape, dtype=torch.float32, device=qsum.device)
-    denominator = int64_to_float32(torch.tensor(count * n_rep * int(FIXED_ONE), dtype=torch.int64, device=qsum.device))
+    denominator = int64_to_float32(torch.tensor(count * n_rep * FIXED_ONE, dtype=torch.int64, device=qsum.device))
     return int64_to_float32(qsum.to(torch.int64)) / denominator
 
 

@@ -37,10 +37,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from ..backend import get_backend
+from ..backend import ENV_VAR, Backend, get_backend
 from ..cache import KVCache
 from ..config import MixKVQConfig
-from ..layout import decode_key_block, decode_values
 
 ATTN_IMPLEMENTATION = "mixkvq"
 ATTENTION_MODES = ("dequantized", "packed")
@@ -48,20 +47,9 @@ TESTED_TRANSFORMERS = "5.24"
 
 
 def default_backend_name() -> str:
-    """``"torch"`` when the torch backend is importable, else ``"numpy"`` (the simulator,
-    with torch tensors converted in and out)."""
-    env = os.environ.get("MIXKVQ_BACKEND")
-    if env:
-        return env
-    try:
-        from mixkvq.backends.torch import TorchBackend  # noqa: F401
-    except ImportError:
-        return "numpy"
-    return "torch"
-
-
-def _with_backend(config: MixKVQConfig) -> MixKVQConfig:
-    return config if config.backend is not None else config.replace(backend=default_backend_name())
+    """The backend the integration uses when none is given: ``$MIXKVQ_BACKEND``, else
+    ``"torch"`` (transformers brings torch, so the torch backend always loads)."""
+    return os.environ.get(ENV_VAR) or "torch"
 
 
 @dataclass
@@ -83,14 +71,16 @@ class MixKVQLayer(CacheLayerMixin):
     is_croppable = False  # crops inside a quantized block are refused (see KVCache.crop)
     is_sliding = False
 
-    def __init__(self, config: MixKVQConfig | None = None, *, attention: str = "dequantized") -> None:
+    def __init__(self, config: MixKVQConfig | None = None, *, attention: str = "dequantized",
+                 backend: "str | Backend | None" = None) -> None:
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}; got {attention!r}")
         self.attention = attention
         self.prefill = True
-        self.config = _with_backend(config or MixKVQConfig())
-        self.kv = KVCache(self.config)
+        self.config = config or MixKVQConfig()
+        self.backend = get_backend(backend or default_backend_name())
+        self.kv = KVCache(self.config, backend=self.backend)
         self._memo_k: torch.Tensor | None = None  # dequantized key blocks (model dtype)
         self._memo_v: torch.Tensor | None = None
         self._memo_blocks = 0
@@ -147,7 +137,7 @@ class MixKVQLayer(CacheLayerMixin):
         return out.to(query.dtype).transpose(1, 2).contiguous()
 
     def reset(self) -> None:
-        self.kv = KVCache(self.config)
+        self.kv = KVCache(self.config, backend=self.backend)
         self._drop_memo()
         self.is_initialized = False
 
@@ -172,9 +162,9 @@ class MixKVQLayer(CacheLayerMixin):
             self._memo_v = self._memo_v.index_select(0, idx.to(dev))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.kv.seq_len == 0 or self.kv._shape is None:
+        if self.kv.seq_len == 0 or self.kv.shape is None:
             return
-        B = self.kv._shape[0]
+        B = self.kv.shape[0]
         self.batch_select_indices(torch.arange(B).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -202,15 +192,15 @@ class MixKVQLayer(CacheLayerMixin):
         if self.kv.seq_len == 0:
             return None, None
         kv, backend = self.kv, self.kv.backend
+        layout = kv.layout
         blocks, vrows = kv.key_blocks, kv.value_rows
         if len(blocks) > self._memo_blocks:
-            new = [decode_key_block(backend, b, self.config) for b in blocks[self._memo_blocks:]]
+            new = [layout.decode_keys(backend, b) for b in blocks[self._memo_blocks:]]
             parts = [self._torch(x) for x in new]
             self._memo_k = torch.cat(([self._memo_k] if self._memo_k is not None else []) + parts, dim=2)
             self._memo_blocks = len(blocks)
         if len(vrows) > self._memo_vrows:
-            D = kv._shape[2]
-            new = [decode_values(backend, r, self.config, D) for r in vrows[self._memo_vrows:]]
+            new = [layout.decode_values(backend, r) for r in vrows[self._memo_vrows:]]
             parts = [self._torch(x) for x in new]
             self._memo_v = torch.cat(([self._memo_v] if self._memo_v is not None else []) + parts, dim=2)
             self._memo_vrows = len(vrows)
@@ -243,21 +233,23 @@ class MixKVQCache(Cache):
         layer_configs: optional per-layer overrides ``{layer_idx: MixKVQConfig}``; ``None`` for
             a layer keeps it in full precision (a transformers ``DynamicLayer``, counted at its
             real bytes), e.g. for layers a sensitivity probe finds too fragile to quantize.
+        backend: the backend of every layer (name or object); default
+            :func:`default_backend_name`.
 
     Query-aware policies need the ``"mixkvq"`` attention implementation (:func:`enable`).
     """
 
     def __init__(self, config: "MixKVQConfig | str | os.PathLike[str] | None" = None, *, model_config: Any = None,
-                 layer_configs: "dict[int, MixKVQConfig | None] | None" = None, attention: str = "dequantized") -> None:
+                 layer_configs: "dict[int, MixKVQConfig | None] | None" = None, attention: str = "dequantized",
+                 backend: "str | Backend | None" = None) -> None:
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}; got {attention!r}")
         self.attention = attention
         if config is not None and not isinstance(config, MixKVQConfig):
             config = MixKVQConfig.load(config)
-        self.mixkvq_config = _with_backend(config or MixKVQConfig())
-        self.layer_configs = {int(i): None if c is None else _with_backend(c) for i, c in (layer_configs or {}).items()}
-        get_backend(self.mixkvq_config.backend)  # fail now, not inside generate(), if unusable
-        layers = None
+        self.mixkvq_config = config or MixKVQConfig()
+        self.layer_configs = dict((int(i), c) for i, c in (layer_configs or {}).items())
+        self.backend = get_backend(backend or default_backend_name())  # fail now, not inside generate()
         if model_config is not None:
             text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
             n = int(text.num_hidden_layers)
@@ -270,7 +262,7 @@ class MixKVQCache(Cache):
 
     def _make_layer(self, i: int) -> CacheLayerMixin:
         cfg = self._layer_config(i)
-        return DynamicLayer() if cfg is None else MixKVQLayer(cfg, attention=self.attention)
+        return DynamicLayer() if cfg is None else MixKVQLayer(cfg, attention=self.attention, backend=self.backend)
 
     def _next_layer(self) -> CacheLayerMixin:
         return self._make_layer(len(self.layers))

@@ -10,12 +10,12 @@ Also exported: the Hypothesis strategies (:mod:`mixkvq.testing.strategies`), the
 from . import strategies
 from .conformance import (
     CHECKS, OP_CASES, ConformanceError, ConformanceReport, OpCase, assert_attention_close,
-    assert_same_array, attention_tolerance, check_backend, check_op, compare_caches, convert_view,
+    assert_same_array, attention_tolerance, check_backend, check_op, compare_caches, convert_storage,
 )
 from .profiles import register_profiles
 
 __all__ = [
     "check_backend", "ConformanceError", "ConformanceReport", "CHECKS", "OP_CASES", "OpCase",
-    "check_op", "compare_caches", "convert_view", "attention_tolerance", "assert_attention_close",
+    "check_op", "compare_caches", "convert_storage", "attention_tolerance", "assert_attention_close",
     "assert_same_array", "register_profiles", "strategies",
 ]

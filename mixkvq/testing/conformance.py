@@ -32,9 +32,11 @@ from hypothesis import strategies as st
 
 from mixkvq import backend as backend_registry
 from mixkvq.backend import Backend, get_backend, register_backend
-from mixkvq.cache import CacheView, KVCache
+from mixkvq.cache import KVCache
 from mixkvq.config import MixKVQConfig
-from mixkvq.layout import KeyBlock, TierRows, ValueRows, row_bytes
+from mixkvq.format import row_bytes
+from mixkvq.layout import KeyBlock, PackedLayout, TierRows, ValueRows
+from mixkvq.state import Storage
 
 from . import strategies as S
 
@@ -160,19 +162,12 @@ def _convert_block(block: KeyBlock, be: Backend) -> KeyBlock:
     return KeyBlock(be.from_any(block.tier_map), tiers, block.n_tokens)
 
 
-def _convert_value_rows(rows: ValueRows, conv: Callable[[Any], Any]) -> ValueRows:
-    out = ValueRows(conv(rows.packed), conv(rows.scale), conv(rows.zero))
-    if hasattr(rows, "bits"):  # the chunk's value width, where the layout records one
-        out.bits = rows.bits
-    return out
-
-
-def convert_view(view: CacheView, be: Backend) -> CacheView:
-    """A simulator :class:`CacheView` with every array converted to backend ``be``."""
+def convert_storage(storage: Storage, be: Backend) -> Storage:
+    """A simulator :class:`~mixkvq.state.Storage` with every array converted to backend ``be``."""
     conv = lambda a: None if a is None else be.from_any(a)  # noqa: E731
-    return CacheView(view.config, be, [_convert_block(b, be) for b in view.key_blocks],
-                     [_convert_value_rows(r, conv) for r in view.value_rows],
-                     conv(view.residual_keys), conv(view.residual_values), view.head_dim)
+    return Storage(tuple(_convert_block(b, be) for b in storage.key_blocks),
+                   tuple(ValueRows(conv(r.packed), conv(r.scale), conv(r.zero), r.bits) for r in storage.value_rows),
+                   conv(storage.residual_keys), conv(storage.residual_values))
 
 
 def _to_backend(arg: Any, be: Backend) -> Any:
@@ -180,8 +175,8 @@ def _to_backend(arg: Any, be: Backend) -> Any:
         return S.to_backend_input(arg, be)
     if isinstance(arg, np.ndarray):
         return be.from_any(arg)
-    if isinstance(arg, CacheView):
-        return convert_view(arg, be)
+    if isinstance(arg, Storage):
+        return convert_storage(arg, be)
     return arg
 
 
@@ -307,7 +302,7 @@ def _case_quantize(draw: Any) -> OpCase:
 
 def _bf16_output(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray, b: int, g: int, n: int) -> Callable[[], Any]:
     def expected() -> np.ndarray:
-        from mixkvq.dtypes import FLOAT_MAX
+        from mixkvq.format import FLOAT_MAX
         from mixkvq.sim.floats import bf16_bits
 
         y = _sim().dequantize(packed, scale, zero, b, g, n, "float32")
@@ -408,22 +403,23 @@ def _fill_cache(cache: KVCache, keys: np.ndarray, values: np.ndarray, queries: n
 @st.composite
 def _case_attention(draw: Any) -> OpCase:
     B, H, n_rep, T, D = draw(S.kv_shapes(max_tokens=80))
-    cfg = draw(S.configs(head_dim=D, backend="numpy"))
-    try:
-        cfg.budget_counts(D)
-    except ValueError:  # a budget that does not fit this head_dim: use counts instead
-        cfg = cfg.replace(budget=(0, 0))
+    cfg = draw(S.configs(head_dim=D))
+    if cfg.tier_mode == "budget":
+        try:
+            cfg.keys.counts(D)
+        except ValueError:  # a budget that does not fit this head_dim: use counts instead
+            cfg = cfg.replace(budget=(0, 0))
     moderate = st.sampled_from(["normal", "outliers", "constant", "signed_zeros", "subnormal", "integers", "mixed"])
     dt = st.sampled_from(["float32", "float16"])
     k = draw(S.float_arrays((B, H, T, D), dtypes=dt, kinds=moderate)).values
     v = draw(S.float_arrays((B, H, T, D), dtypes=st.just(k.dtype.name), kinds=moderate)).values
     q_all = draw(S.float_arrays((B, H * n_rep, T, D), dtypes=st.just(k.dtype.name), kinds=moderate)).values
-    cache = KVCache(cfg)
+    cache = KVCache(cfg, backend="numpy")
     _fill_cache(cache, k, v, q_all, draw(S.chunkings(T)))
     Tq = draw(st.integers(1, min(T, 5)))
     q = draw(S.float_arrays((B, H * n_rep, Tq, D), dtypes=st.sampled_from(["float32", "float16"]), kinds=moderate)).values
     scale = draw(st.sampled_from([1.0 / math.sqrt(D), 0.5, 2.0]))
-    return OpCase((q, cache.view()), {"scale": scale, "causal": draw(st.booleans())}, attention=True)
+    return OpCase((q, cache.state.storage, cache.layout), {"scale": scale, "causal": draw(st.booleans())}, attention=True)
 
 
 #: The op table: protocol op name -> strategy of :class:`OpCase`. The simulator's
@@ -497,7 +493,7 @@ def check_op(name: str, case: OpCase, backend: Backend) -> None:
         return
     if case.attention:
         q = np.asarray(case.args[0], dtype=np.float32)
-        keys, values = case.args[1].dequantized()
+        keys, values = case.args[2].dequantized(_sim(), case.args[1])
         if _logits_fit_float32(q, keys):
             tol = attention_tolerance(q, keys, values, case.kwargs["scale"])
             assert_attention_close(_np(actual, backend), expected, tol, name)
@@ -560,8 +556,8 @@ def _cache_check(data: Any, backend_name: str, backend: Backend) -> None:
     q = S.DrawnArray(S.make_values((B, H * n_rep, T, D), kinds[2], data.draw(S.seeds), dtype), dtype, kinds[2])
     chunks = data.draw(S.chunkings(T), label="chunks")
     lag = data.draw(st.booleans(), label="queries lag (observe_queries)")
-    ref = KVCache(cfg.replace(backend="numpy"))
-    dut = KVCache(cfg.replace(backend=backend_name))
+    ref = KVCache(cfg, backend="numpy")
+    dut = KVCache(cfg, backend=backend_name)
     start = 0
     sim = _sim()
     for c in chunks:
@@ -586,8 +582,8 @@ def _cache_check(data: Any, backend_name: str, backend: Backend) -> None:
                 return
         start += c
     compare_caches(dut, ref, backend, exact_residual=dtype != "bfloat16")
-    keys_ref, values_ref = ref.view().dequantized()
-    keys_dut, values_dut = dut.view().dequantized()
+    keys_ref, values_ref = ref.layout.dequantized(ref.backend, ref.state.storage)
+    keys_dut, values_dut = dut.layout.dequantized(dut.backend, dut.state.storage)
     assert_same_array(_np(keys_dut, backend), keys_ref, "dequantized keys")
     assert_same_array(_np(values_dut, backend), values_ref, "dequantized values")
     Tq = data.draw(st.integers(1, min(T, 4)), label="Tq")

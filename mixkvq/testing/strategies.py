@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from mixkvq.dtypes import ITEMSIZE
 from mixkvq.config import MixKVQConfig
+from mixkvq.format import CostModel
 
 #: Value kinds :func:`float_arrays` can draw.
 VALUE_KINDS = (
@@ -160,9 +160,10 @@ def kv_shapes(draw: Any, *, max_tokens: int = 70) -> tuple[int, int, int, int, i
 
 
 @st.composite
-def configs(draw: Any, *, head_dim: int | None = None, backend: str | None = None) -> MixKVQConfig:
-    """A valid :class:`MixKVQConfig` covering every policy, both tier modes, every bit width,
-    group size, residual length, metadata dtype, high dtype and value window."""
+def configs(draw: Any, *, head_dim: int | None = None) -> MixKVQConfig:
+    """A valid :class:`MixKVQConfig` covering every policy, every key strategy, every bit
+    width, group size, residual length, metadata dtype, high dtype and value window (drawn in
+    the flat form; the fields a strategy does not use are dropped by ``from_dict``)."""
     policy = draw(st.sampled_from(POLICIES))
     tier_mode = draw(st.sampled_from(["budget", "threshold", "rd"]))
     if tier_mode == "rd" and policy == "uniform":
@@ -187,21 +188,19 @@ def configs(draw: Any, *, head_dim: int | None = None, backend: str | None = Non
         value_ladder = sorted(draw(st.sets(bits, min_size=1, max_size=3)))
         value_window = "block"
         rd = dict(bit_ladder=tuple(ladder), value_bit_ladder=tuple(value_ladder),
-                  rd_bits=_rd_min_bits(ladder[0], value_ladder[0], residual_length, group_size, head_dim or 40,
-                                       ITEMSIZE[meta_dtype]) + draw(st.sampled_from([0.0, 0.3, 1.0, 4.0, 20.0])))
-    return MixKVQConfig(
-        policy=policy, tier_mode=tier_mode, budget=budget, thresholds=thresholds,
+                  rd_bits=_rd_min_bits(CostModel.of(residual_length, group_size, head_dim or 40, meta_dtype), ladder[0],
+                                       value_ladder[0]) + draw(st.sampled_from([0.0, 0.3, 1.0, 4.0, 20.0])))
+    return MixKVQConfig.from_dict(dict(
+        policy=policy, tier_mode=tier_mode, budget=list(budget), thresholds=list(thresholds),
         high_dtype=draw(high_dtypes), mid_bits=mid_bits, low_bits=low_bits,
         value_bits=draw(bits), group_size=group_size, residual_length=residual_length,
-        value_window=value_window, meta_dtype=meta_dtype, backend=backend, **rd,
-    )
+        value_window=value_window, meta_dtype=meta_dtype, **rd,
+    ))
 
 
-def _rd_min_bits(key_bits: int, value_bits: int, R: int, G: int, D: int, meta_bytes: int) -> float:
+def _rd_min_bits(costs: CostModel, key_bits: int, value_bits: int) -> float:
     """Smallest ``rd_bits`` every block of this geometry can meet (§8.3 step 3), rounded up."""
-    from mixkvq.sim.allocate import min_block_bits
-
-    return math.ceil(1000 * min_block_bits(key_bits, value_bits, R, G, D, meta_bytes)) / 1000
+    return math.ceil(1000 * costs.min_block_bits(key_bits, value_bits)) / 1000
 
 
 @st.composite

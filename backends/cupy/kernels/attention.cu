@@ -38,8 +38,8 @@ __device__ __forceinline__ float load_key(long long tok, int d, long long bh, in
     long long idx = j * BHD + bh * D + d;
     int w = tier_maps[idx];
     long long row = row_index[idx];
-    const unsigned long long* p = kptr + (j * 17 + w) * 3;
-    if (w == 16) {
+    const unsigned long long* p = kptr + (j * MIXKVQ_TIER_SLOTS + w) * 3;
+    if (w == MIXKVQ_HIGH_BITS) {
         const unsigned short* words = (const unsigned short*)p[0];
         return mixkvq_half_to_f32(words[row * R + tb], high_kind);
     }

@@ -2,6 +2,7 @@
 // Every float operation is one explicitly rounded intrinsic (the modules are also compiled
 // with --fmad=false); nothing here depends on CUDA headers, so NVRTC needs no include path.
 #pragma once
+#include "mixkvq_format.h"
 
 #ifndef MIXKVQ_CPU_EMULATION
 // Exact hardware conversions (round to nearest even, gradual underflow, no flush to zero).
@@ -17,10 +18,7 @@ __device__ __forceinline__ float mixkvq_f16_bits_to_f32(unsigned short h) {
 }
 #endif
 
-// Storage kinds of metadata and 16-bit data (the Python side passes these numbers).
-#define MIXKVQ_KIND_F16 0
-#define MIXKVQ_KIND_BF16 1
-#define MIXKVQ_KIND_F32 2
+// Storage kinds of metadata and 16-bit data (MIXKVQ_KIND_*) come from mixkvq_format.h.
 
 // §2 bfloat16: u' = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 on the float32 bits (finite inputs).
 __device__ __forceinline__ unsigned short mixkvq_f32_to_bf16_bits(float f) {

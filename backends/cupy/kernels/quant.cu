@@ -61,7 +61,7 @@ __global__ void dequant(const unsigned char* __restrict__ packed, const void* sc
         if (out_kind == MIXKVQ_KIND_F32) {
             ((float*)out)[e] = y;
         } else {
-            float lim = out_kind == MIXKVQ_KIND_F16 ? 65504.0f : __uint_as_float(0x7F7F0000u);
+            float lim = out_kind == MIXKVQ_KIND_F16 ? MIXKVQ_FLOAT16_MAX : __uint_as_float(0x7F7F0000u);
             y = fminf(fmaxf(y, -lim), lim);
             ((unsigned short*)out)[e] = mixkvq_f32_to_half(y, out_kind);
         }

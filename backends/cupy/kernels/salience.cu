@@ -17,8 +17,8 @@ extern "C" __global__ void query_token_sums(const float* __restrict__ q, int B, 
         long long acc = 0;
         for (int r = 0; r < n_rep; ++r) {
             float a = fabsf(q[((b * H + h) * n_rep + r) * td + rest]);
-            float m = __fmul_rn(a, 65536.0f);
-            float f = fminf(rintf(m), 1099511627776.0f);  // 2^40; Inf saturates too
+            float m = __fmul_rn(a, MIXKVQ_FIXED_ONE);
+            float f = fminf(rintf(m), MIXKVQ_FIXED_MAX);  // Inf saturates too
             acc += (long long)f;
         }
         out[o] = acc;

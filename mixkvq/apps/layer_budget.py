@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import MixKVQConfig
+from mixkvq.config import MixKVQConfig
 
 #: budgets are compared in units of 2^-10 bits; grid budgets are rounded up to a unit, so the
 #: mean of an allocation never exceeds its target

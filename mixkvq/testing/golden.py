@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-VECTOR_VERSION = 1
+from mixkvq.format import FORMAT_VERSION
 
 
 def _special_values(rng: np.random.Generator) -> np.ndarray:
@@ -103,7 +103,7 @@ def cases() -> Iterator[tuple[str, str, dict[str, Any], dict[str, np.ndarray]]]:
 
 
 def _first_block_relevance(q: np.ndarray, n_rep: int, R: int) -> np.ndarray:
-    from . import salience
+    from mixkvq.sim import salience
 
     return salience.relevance(salience.query_token_sums(q[:, :, :R], n_rep).sum(axis=2), R, n_rep)
 
@@ -126,7 +126,7 @@ def compute(kind: str, params: dict[str, Any], inputs: dict[str, np.ndarray], ba
         packed = be.encode_half(be.from_any(inputs["x"]), params["high_dtype"], "x")
         return {"packed": np_(packed), "decoded": np_(be.decode_half(packed, params["high_dtype"]))}
     if kind == "cache":
-        cache = mixkvq.KVCache(mixkvq.MixKVQConfig(**{**params, "backend": be.name}))
+        cache = mixkvq.KVCache(mixkvq.MixKVQConfig.from_dict(params), backend=be)
         cache.append(be.from_any(inputs["keys"]), be.from_any(inputs["values"]), queries=be.from_any(inputs["queries"]))
         out: dict[str, np.ndarray] = {}
         for j, block in enumerate(cache.key_blocks):
@@ -168,18 +168,18 @@ def write_vectors(folder: Path) -> list[dict[str, Any]]:
         if kind == "cache":  # the complete configuration, defaults included, and how it was fed
             import mixkvq
 
-            entry["config"] = {k: v for k, v in mixkvq.MixKVQConfig(**params).to_dict().items() if k != "backend"}
+            entry["config"] = mixkvq.MixKVQConfig.from_dict(params).to_dict()
             entry["stream"] = "one append(keys, values, queries) of all tokens"
         manifest.append(entry)
-    (folder / "manifest.json").write_text(json.dumps({"format_version": VECTOR_VERSION, "cases": manifest}, indent=1) + "\n")
+    (folder / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "cases": manifest}, indent=1) + "\n")
     return manifest
 
 
 def check_vectors(folder: Path, backend: Any = None) -> list[str]:
     """Recompute every case with ``backend``; return the names of mismatching outputs ([] = pass)."""
     meta = json.loads((folder / "manifest.json").read_text())
-    if meta.get("format_version") != VECTOR_VERSION:
-        raise ValueError(f"{folder} holds golden vectors of version {meta.get('format_version')}, expected {VECTOR_VERSION}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder} holds golden vectors of version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     failures = []
     for case in meta["cases"]:
         with np.load(folder / f"{case['name']}.npz") as data:

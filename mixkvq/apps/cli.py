@@ -24,7 +24,7 @@ class CLIError(Exception):
 
 
 def _load_config(path: str | None) -> Any:
-    from .config import MixKVQConfig
+    from mixkvq.config import MixKVQConfig
 
     if path is None:
         return MixKVQConfig()
@@ -159,7 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .eval.methods import build_cache, builtin_methods, resolve_methods, cache_stats, MethodUnavailable
-    from .integrations.transformers import enable
+    from mixkvq.integrations.transformers import enable
 
     base = _load_config(args.config)
     catalog = builtin_methods(base)
@@ -204,11 +204,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import mixkvq
 
-    from .backend import available_backends
+    from mixkvq.backend import available_backends
     from .data import DataError, default_text_path, locate_model
 
     try:
-        from .integrations.transformers import default_backend_name
+        from mixkvq.integrations.transformers import default_backend_name
 
         integration = default_backend_name()
     except ImportError as exc:
@@ -277,7 +277,7 @@ def _calibrate_layers(args: argparse.Namespace, base: Any, model: Any, tok: Any,
     from .data import DataError, token_stream
     from .eval.harness import EvalSettings, capture_qkv, make_samples
     from .eval.layer_profile import profile_layers
-    from .integrations.transformers import enable
+    from mixkvq.integrations.transformers import enable
 
     if base.tier_mode != "rd":  # the default config: its rd variant (same G, R, ladders)
         base = base.replace(tier_mode="rd", value_window="block")

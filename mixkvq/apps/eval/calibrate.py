@@ -3,8 +3,8 @@
 Method (a cheap proxy, done once per calibration text):
 
 1. Capture every layer's post-RoPE Q/K/V from one full-precision forward pass.
-2. Compute the salience ``A = I * S`` (docs/numerics.md §8) of every (layer, block, head,
-   channel) from the captured tensors. Thresholds are quantiles of this pooled distribution:
+2. Compute the salience (docs/numerics.md §8) of every (layer, block, head, channel) from
+   the captured tensors, with the cache's own policy and fixed-point relevance. Thresholds are quantiles of this pooled distribution:
    a pair of tier fractions ``(f_high, f_mid)`` maps to ``tau_high = Q(1 - f_high)`` and
    ``tau_mid = Q(1 - f_high - f_mid)``.
 3. The true bits per element of a quantized block are affine in the fractions (16-bit
@@ -24,7 +24,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import MixKVQConfig
+from mixkvq.config import MixKVQConfig
+from mixkvq.format import HIGH_BITS
 from .harness import attention_errors
 
 
@@ -40,40 +41,36 @@ class Candidate:
 
 
 def salience_values(captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], config: MixKVQConfig) -> np.ndarray:
-    """Pooled query-aware salience of every (layer, block, batch, head, channel)."""
-    R, L = config.residual_length, 2 ** config.low_bits - 1
+    """Pooled salience of every (layer, block, batch, head, channel), exactly as the cache
+    ranks them: ``config``'s policy on the fixed-point relevance of §7 (the snapshot after each
+    block's last token) and the difficulty of §8 (the simulator's ops)."""
+    from mixkvq.backend import get_backend
+    from mixkvq.schemes import salience
+
+    sim = get_backend("numpy")
+    R, low_bits, policy = config.residual_length, config.keys.low_bits, config.salience_policy
     vals = []
     for li in sorted(captured):
-        q, k, _ = (x.double().numpy() for x in captured[li])
+        q, k, _ = (x.detach().float().numpy() for x in captured[li])
         B, H, T, D = k.shape
         n_rep = q.shape[1] // H
-        aq = np.abs(q).reshape(B, H, n_rep, T, D).mean(axis=2)  # (B, H, T, D)
-        csum = np.cumsum(aq, axis=2)
+        qsum = np.cumsum(sim.query_token_sums(q, n_rep), axis=2)  # int64: exact, order-free
         for j in range(T // R):
-            blk = k[:, :, j * R:(j + 1) * R]
-            S = (blk.max(axis=2) - blk.min(axis=2)) / L
-            I = csum[:, :, (j + 1) * R - 1] / ((j + 1) * R)
-            vals.append((I * S).reshape(-1))
+            end = (j + 1) * R
+            relevance = sim.relevance(qsum[:, :, end - 1], end, n_rep) if policy.uses_queries else None
+            vals.append(np.asarray(salience(sim, k[:, :, j * R:end], relevance, policy, low_bits)).reshape(-1))
     if not vals:
         raise ValueError(f"calibration needs at least residual_length={R} tokens of text")
     return np.concatenate(vals)
 
 
-def _overheads(config: MixKVQConfig) -> tuple[float, float, float]:
-    G, R = config.group_size, config.residual_length
-    meta_bits = 2 * (16 if config.meta_dtype in ("float16", "bfloat16") else 32)
-    key_meta = meta_bits / G
-    value_bits = config.value_bits + meta_bits / G
-    tier_map = 8.0 / R
-    return key_meta, value_bits, tier_map
-
-
-def predicted_bits(f_high: float, f_mid: float, config: MixKVQConfig, stats_bits: float = 0.0) -> float:
-    """True bits per K/V element of quantized blocks for the given tier fractions."""
-    key_meta, value_bits, tier_map = _overheads(config)
-    f_low = 1.0 - f_high - f_mid
-    key = 16 * f_high + (config.mid_bits + key_meta) * f_mid + (config.low_bits + key_meta) * f_low + tier_map
-    return (key + value_bits) / 2 + stats_bits
+def predicted_bits(f_high: float, f_mid: float, config: MixKVQConfig, head_dim: int, stats_bits: float = 0.0) -> float:
+    """True bits per K/V element of quantized blocks for the given tier fractions (the
+    format's cost model; affine in the fractions)."""
+    keys = config.keys
+    fractions = {HIGH_BITS: f_high, keys.mid_bits: f_mid}
+    fractions[keys.low_bits] = fractions.get(keys.low_bits, 0.0) + 1.0 - f_high - f_mid
+    return config.costs(head_dim).block_bits(fractions, config.values.bits) + stats_bits
 
 
 def _measured_bits(caches: list[Any]) -> float:
@@ -88,7 +85,8 @@ def calibrate(captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """Find ``(tau_high, tau_mid)`` for ``target_bits`` true bits per element (default: what
     ``base`` in budget mode stores on the same data). Returns the threshold-mode config and
     a report."""
-    base = base.replace(tier_mode="threshold", policy="query_aware" if base.salience_policy.name in ("uniform",) else base.policy)
+    policy = "query_aware" if not base.salience_policy.mixed_precision else base.policy
+    base = base.replace(tier_mode="threshold", policy=policy)
     budget = base.replace(tier_mode="budget")
     T = min(int(v[1].shape[2]) for v in captured.values())
     if T < base.residual_length:
@@ -98,21 +96,21 @@ def calibrate(captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor
     err_budget, caches = attention_errors(budget, captured, probe)
     budget_bits = _measured_bits(caches)
     D = int(next(iter(captured.values()))[1].shape[-1])
-    n_hi, n_mid = budget.budget_counts(D)
-    stats_bits = budget_bits - predicted_bits(n_hi / D, n_mid / D, budget)
+    n_hi, n_mid = budget.keys.counts(D)
+    stats_bits = budget_bits - predicted_bits(n_hi / D, n_mid / D, budget, D)
     target = float(target_bits) if target_bits is not None else budget_bits
     log(f"budget config: {budget_bits:.3f} true bits/elem, attention error {np.mean(err_budget):.4f}; target {target:.3f}")
     A = salience_values(captured, base)
-    lo_bits = predicted_bits(0.0, 0.0, base, stats_bits)
+    lo_bits = predicted_bits(0.0, 0.0, base, D, stats_bits)
     if target < lo_bits - 1e-9:
         raise ValueError(f"target {target:.3f} bits/element is below what the low tier alone stores ({lo_bits:.3f})")
 
     def f_mid_for(f_high: float) -> float | None:
-        # predicted_bits is affine: each unit of f_mid adds (mid_bits - low_bits) / 2 bits
-        room = target - predicted_bits(f_high, 0.0, base, stats_bits)
+        # predicted_bits is affine in f_mid: solve for the f_mid that meets the target
+        room = target - predicted_bits(f_high, 0.0, base, D, stats_bits)
         if room < -1e-12:
             return None
-        slope = (base.mid_bits - base.low_bits) / 2
+        slope = predicted_bits(f_high, 1.0, base, D) - predicted_bits(f_high, 0.0, base, D)  # bits per unit of f_mid
         return 0.0 if slope <= 0 else float(min(max(room, 0.0) / slope, 1.0 - f_high))
 
     tried: dict[float, Candidate] = {}
@@ -129,7 +127,7 @@ def calibrate(captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor
         tm = min(tm, th)
         cfg = base.replace(thresholds=(th, tm))
         errs, cs = attention_errors(cfg, captured, probe)
-        c = Candidate(f_high, f_mid, th, tm, predicted_bits(f_high, f_mid, base, stats_bits), _measured_bits(cs), float(np.mean(errs)))
+        c = Candidate(f_high, f_mid, th, tm, predicted_bits(f_high, f_mid, base, D, stats_bits), _measured_bits(cs), float(np.mean(errs)))
         log(f"  f_high {f_high:.4f} f_mid {f_mid:.4f}  tau=({th:.4g}, {tm:.4g})  bits {c.measured_bits:.3f}  attn err {c.attn_err:.4f}")
         tried[f_high] = c
         return c

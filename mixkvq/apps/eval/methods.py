@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from ..config import MixKVQConfig
+from mixkvq.config import MixKVQConfig
+from mixkvq.schemes import UniformKeys, ValueQuant
 from ..layer_budget import LayerProfile
 
 
@@ -26,7 +27,7 @@ class Method:
         config: the MixKVQ config (kind ``"mixkvq"``).
         options: QuantizedCache options (``nbits``, ``q_group_size``, ``residual_length``).
         description: what the row is, for the table.
-        layer_profile: for ``rd`` configs, a :class:`~mixkvq.layer_budget.LayerProfile` that
+        layer_profile: for ``rd`` configs, a :class:`~mixkvq.apps.layer_budget.LayerProfile` that
             splits ``config.rd_bits`` across layers (see :attr:`layer_configs`).
     """
 
@@ -43,7 +44,7 @@ class Method:
         so building the catalogue stays cheap."""
         if self.layer_profile is None or self.config is None:
             return None
-        return self.layer_profile.layer_configs(self.config, self.config.rd_bits)
+        return self.layer_profile.layer_configs(self.config, self.config.keys.bits)
 
     @property
     def exact_chunk_period(self) -> int | None:
@@ -63,7 +64,7 @@ class Method:
         if self.kind != "mixkvq" or self.config is None:
             return 1
         configs = [self.config, *(c for c in (self.layer_configs or {}).values() if c is not None)]
-        if any(c.value_window != "block" for c in configs):
+        if any(c.values.window != "block" for c in configs):
             return 1
         return math.gcd(*(c.residual_length for c in configs))
 
@@ -74,8 +75,8 @@ class Method:
 
 def kivi(bits: int, group_size: int = 32, residual_length: int = 128) -> Method:
     """KIVI-style uniform quantization: keys per channel and values per token at ``bits``."""
-    cfg = MixKVQConfig(policy="uniform", low_bits=bits, mid_bits=max(bits, 4), value_bits=bits,
-                       group_size=group_size, residual_length=residual_length)
+    cfg = MixKVQConfig(keys=UniformKeys(bits), values=ValueQuant(bits), group_size=group_size,
+                       residual_length=residual_length)
     name = f"kivi{bits}" + (f"_g{group_size}" if group_size != 32 else "")
     return Method(name, "mixkvq", cfg, description=f"KIVI-{bits} (uniform K{bits}/V{bits}, G={group_size})")
 
@@ -119,8 +120,7 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
     for kb in (2, 3, 4):  # KIVI at every K/V split
         for vb in (2, 3, 4):
             if kb != vb:
-                cfg = MixKVQConfig(policy="uniform", low_bits=kb, mid_bits=max(kb, 4), value_bits=vb,
-                                   group_size=G, residual_length=R)
+                cfg = MixKVQConfig(keys=UniformKeys(kb), values=ValueQuant(vb), group_size=G, residual_length=R)
                 out[f"kivi_k{kb}v{vb}"] = Method(f"kivi_k{kb}v{vb}", "mixkvq", cfg, description=f"KIVI K{kb}/V{vb}")
     out["mixkvq_v3"] = Method("mixkvq_v3", "mixkvq", budget_cfg.replace(value_bits=3),
                               description="MixKVQ default tiers, 3-bit values")
@@ -172,7 +172,7 @@ def build_cache(method: Method, model: Any) -> Any:
 
         return DynamicCache(config=model.config)
     if method.kind == "mixkvq":
-        from ..integrations.transformers import MixKVQCache
+        from mixkvq.integrations.transformers import MixKVQCache
 
         return MixKVQCache(method.config, model_config=model.config, layer_configs=method.layer_configs)
     if method.kind in ("quanto", "hqq"):
@@ -209,7 +209,7 @@ def _tensor_bytes(t: Any) -> int:
 
 def cache_stats(cache: Any) -> dict[str, float]:
     """``nbytes``, true ``bits_per_element`` and ``nominal_bits`` of any supported cache."""
-    from ..integrations.transformers import MixKVQCache
+    from mixkvq.integrations.transformers import MixKVQCache
 
     if isinstance(cache, MixKVQCache):
         return {"nbytes": cache.nbytes, "bits_per_element": cache.bits_per_element, "nominal_bits": cache.nominal_bits,

@@ -1,4 +1,4 @@
-"""Throughput benchmarks: ``python -m mixkvq.bench [--quick] [--backends numpy,torch]``.
+"""Throughput benchmarks: ``python -m mixkvq.apps.bench [--quick] [--backends numpy,torch]``.
 
 For each shape (batch 1; 3 KV heads x 64 with 9 query heads, and 8 KV heads x 128 with 32
 query heads) and cache length (4k, 16k, 64k tokens) it times, per backend:
@@ -68,7 +68,7 @@ def run(quick: bool = False, backends: tuple[str, ...] = ("numpy", "torch"), thr
     if budget is not None:
         cfg = cfg.replace(budget=budget)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; config: G={cfg.group_size}, R={cfg.residual_length}, "
-          f"keys {cfg.key_tier_bits} bits, budget {cfg.budget}, values {cfg.value_bits} bits, meta {cfg.meta_dtype}", flush=True)
+          f"keys {cfg.key_tier_bits} bits, budget {cfg.keys.budget}, values {cfg.values.bits} bits, meta {cfg.meta_dtype}", flush=True)
     for H, D, Hq in shapes:
         shape = f"{H}x{D}/{Hq}"
         for T in lengths:
@@ -81,9 +81,9 @@ def run(quick: bool = False, backends: tuple[str, ...] = ("numpy", "torch"), thr
                 x = be.from_any(x16)
                 copy = (lambda: x.clone()) if name == "torch" else (lambda: np.copy(x))
                 t_copy = _time(copy)
-                t_q = _time(lambda: be.quantize(x, cfg.value_bits, cfg.group_size, cfg.meta_dtype, "x"))
-                packed, scale, zero = be.quantize(x, cfg.value_bits, cfg.group_size, cfg.meta_dtype, "x")
-                t_d = _time(lambda: be.dequantize(packed, scale, zero, cfg.value_bits, cfg.group_size, D, "float32"))
+                t_q = _time(lambda: be.quantize(x, cfg.values.bits, cfg.group_size, cfg.meta_dtype, "x"))
+                packed, scale, zero = be.quantize(x, cfg.values.bits, cfg.group_size, cfg.meta_dtype, "x")
+                t_d = _time(lambda: be.dequantize(packed, scale, zero, cfg.values.bits, cfg.group_size, D, "float32"))
                 for op, t in (("quantize+pack", t_q), ("unpack+dequantize", t_d)):
                     _row(rows, op=op, backend=name, shape=shape, tokens=T, ms=t * 1e3, gbps=nbytes / t / 1e9,
                          vs_copy=f"{t_copy / t:.3f}", copy_gbps=f"{nbytes / t_copy / 1e9:.2f}")
@@ -103,13 +103,13 @@ def run(quick: bool = False, backends: tuple[str, ...] = ("numpy", "torch"), thr
                     continue
                 be = get_backend(name)
                 conv = be.from_any
-                cache = KVCache(cfg.replace(backend=name))
+                cache = KVCache(cfg, backend=name)
                 cache.append(conv(k16), conv(v16), queries=conv(q16))
                 blk = (conv(kb), conv(kb), conv(qb))
                 flush_nbytes = 2 * kb.nbytes
 
                 def flush() -> None:
-                    c = KVCache(cfg.replace(backend=name))  # an empty cache flushing exactly one block
+                    c = KVCache(cfg, backend=name)  # an empty cache flushing exactly one block
                     c.append(*blk[:2], queries=blk[2])
 
                 t_f = _time(flush)
@@ -135,7 +135,7 @@ def run(quick: bool = False, backends: tuple[str, ...] = ("numpy", "torch"), thr
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mixkvq.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mixkvq.apps.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="4k and 16k tokens only")
     p.add_argument("--backends", default="numpy,torch", help="comma-separated backend names")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")

@@ -1,10 +1,10 @@
-"""Measure a :class:`~mixkvq.layer_budget.LayerProfile` on a real model (``mixkvq calibrate --layers``).
+"""Measure a :class:`~mixkvq.apps.layer_budget.LayerProfile` on a real model (``mixkvq calibrate --layers``).
 
 The loss of layer ``l`` at budget ``b`` is the KL to the full-precision next-token
 distributions when only layer ``l`` is quantized (``rd`` at ``b``, every other layer full
 precision), on the calibration samples streamed as eval streams them. Contributions are
 assumed to add over layers (the usual small-perturbation assumption), which is what lets
-:meth:`~mixkvq.layer_budget.LayerProfile.allocate` split one budget across layers.
+:meth:`~mixkvq.apps.layer_budget.LayerProfile.allocate` split one budget across layers.
 
 Two ways to get it:
 
@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import MixKVQConfig
+from mixkvq.config import MixKVQConfig
 from ..layer_budget import QUANTUM, LayerProfile
 from .harness import attention_errors, capture_qkv, continue_stream, stream
 
@@ -38,11 +38,7 @@ GRID_OFFSETS = (0.0, 0.21875, 0.5, 0.71875, 1.0, 1.21875, 1.5, 1.71875, 2.0, 2.4
 
 def default_grid(config: MixKVQConfig, head_dim: int) -> tuple[float, ...]:
     """:data:`GRID_OFFSETS` above the lowest ``rd_bits`` a block of ``config`` can meet."""
-    from ..dtypes import ITEMSIZE
-    from ..sim.allocate import min_block_bits
-
-    low = min_block_bits(config.bit_ladder[0], config.value_bit_ladder[0], config.residual_length,
-                         config.group_size, head_dim, ITEMSIZE[config.meta_dtype])
+    low = config.costs(head_dim).min_block_bits(config.keys.ladder[0], config.keys.value_ladder[0])
     low = math.ceil(low * QUANTUM) / QUANTUM
     return tuple(low + d for d in GRID_OFFSETS)
 
@@ -55,7 +51,7 @@ def _layer_kl(model: Any, samples: list[torch.Tensor], refs: list[torch.Tensor],
     The prefill attends to its own tokens exactly, so its Q/K/V are those of the
     full-precision run: the cache is filled from ``prefills`` (captured once per sample)
     instead of running the prefill forward again, and only the continuation is streamed."""
-    from ..integrations.transformers import MixKVQCache, MixKVQLayer
+    from mixkvq.integrations.transformers import MixKVQCache, MixKVQLayer
     from .methods import Method
 
     period = Method("probe", "mixkvq", config).exact_chunk_period
@@ -87,7 +83,7 @@ def profile_layers(model: Any, samples: list[torch.Tensor], captured: dict[int, 
         model: a transformers causal LM with the ``"mixkvq"`` attention enabled.
         samples: token id tensors ``(1, T)``; the first ``context_len`` tokens are prefilled,
             the rest scored (the eval protocol).
-        captured: :func:`~mixkvq.eval.harness.capture_qkv` of calibration text (the
+        captured: :func:`~mixkvq.apps.eval.harness.capture_qkv` of calibration text (the
             attention-error curves, recorded in ``info`` and used by ``measure="scaled"``).
         base: the ``rd`` config whose ``rd_bits`` the profile will set per layer.
         grid: ascending ``rd_bits`` to profile (default :func:`default_grid`).

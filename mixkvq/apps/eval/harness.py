@@ -36,8 +36,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..cache import KVCache
-from ..config import MixKVQConfig
+from mixkvq.cache import KVCache
+from mixkvq.config import MixKVQConfig
 from .methods import Method, MethodUnavailable, build_cache, cache_stats
 
 CAPTURE_IMPLEMENTATION = "mixkvq_capture"
@@ -217,45 +217,38 @@ def capture_qkv(model: Any, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, 
     return captured
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention in float64; ``q`` holds the last ``Tq`` positions of ``k``."""
-    q, k, v = (x.double() for x in (q, k, v))
-    n_rep = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(n_rep, dim=1)
-    v = v.repeat_interleave(n_rep, dim=1)
-    T, Tq = k.shape[2], q.shape[2]
-    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    pos = torch.arange(T - Tq, T)[:, None]
-    s = s.masked_fill(torch.arange(T)[None, :] > pos, float("-inf"))
-    return torch.softmax(s, -1) @ v
+def _attend(q: torch.Tensor, k: Any, v: Any) -> np.ndarray:
+    """The simulator's reference attention (float64 softmax), causal; ``q`` holds the last
+    ``Tq`` positions of ``k``."""
+    from mixkvq.sim.attention import attention as reference_attention
+
+    f32 = lambda x: np.asarray(x.detach().float().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)  # noqa: E731
+    return reference_attention(f32(q), f32(k), f32(v), scale=1.0 / math.sqrt(int(q.shape[-1])), causal=True)
 
 
 def attention_errors(config: MixKVQConfig, captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                     probe: int, layer_configs: "dict[int, MixKVQConfig | None] | None" = None
-                     ) -> tuple[list[float], list[KVCache]]:
+                     probe: int, layer_configs: "dict[int, MixKVQConfig | None] | None" = None,
+                     backend: "str | None" = None) -> tuple[list[float], list[KVCache]]:
     """Per-layer relative attention-output error of ``config`` (or ``layer_configs[layer]``;
     ``None`` = full precision, error 0) on captured Q/K/V; the filled caches of the quantized
-    layers are returned too (for their byte counts)."""
-    from ..integrations.transformers import default_backend_name
+    layers are returned too (for their byte counts). ``backend``: default the integration's."""
+    from mixkvq.integrations.transformers import default_backend_name
 
+    backend = backend or default_backend_name()
     errs, caches = [], []
     for li in sorted(captured):
         layer_cfg = (layer_configs or {}).get(li, config)
         if layer_cfg is None:
             errs.append(0.0)
             continue
-        cfg = layer_cfg if layer_cfg.backend is not None else layer_cfg.replace(backend=default_backend_name())
         q, k, v = captured[li]
-        cache = KVCache(cfg)
-        if cfg.backend == "numpy":  # the simulator: hand it NumPy arrays, get NumPy back
-            cache.append(k.numpy(), v.numpy(), queries=q.numpy())
-        else:
-            cache.append(k, v, queries=q)
-        kh, vh = (torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x for x in cache.dequantized())
+        cache = KVCache(layer_cfg, backend=backend)
+        cache.append(k, v, queries=q)
+        kh, vh = cache.dequantized()
         qp = q[:, :, -probe:]
         ref = _attend(qp, k, v)
         got = _attend(qp, kh, vh)
-        errs.append(float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)))
+        errs.append(float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))
         caches.append(cache)
     return errs, caches
 
@@ -273,7 +266,7 @@ def _progress(iterable: Any, settings: EvalSettings, **kw: Any) -> Any:
 def evaluate(model: Any, tokenizer: Any, docs: list[str], methods: list[Method], settings: EvalSettings,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every method on the same samples; returns a JSON-ready results dict."""
-    from ..integrations.transformers import enable
+    from mixkvq.integrations.transformers import enable
 
     settings.check()
     torch.manual_seed(settings.seed)
@@ -293,7 +286,7 @@ def evaluate(model: Any, tokenizer: Any, docs: list[str], methods: list[Method],
         res = MethodResult(method.name, method.description, method.kind,
                            config=method.config.to_dict() if method.config is not None else None)
         if method.layer_configs is not None:
-            res.layer_rd_bits = [None if (c := method.layer_configs.get(i, method.config)) is None else c.rd_bits
+            res.layer_rd_bits = [None if (c := method.layer_configs.get(i, method.config)) is None else c.keys.bits
                                  for i in range(len(captured))]
         try:
             build_cache(method, model)  # availability check before spending time

@@ -73,6 +73,15 @@ def meta_overflow_error(name: str, index: tuple[int, ...], dtype: str, what: str
     )
 
 
+def range_overflow_error(name: str, index: tuple[int, ...]) -> ValueError:
+    """§3 step 4: the error for a group whose largest dequantized value overflows float32."""
+    return ValueError(
+        f"{name}: the group at group/row index {index} would dequantize beyond float32's range "
+        "(its rounded scale times 2^bits - 1, plus its zero, overflows float32); its values lie too close "
+        "to float32's limit to be stored"
+    )
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Exact stored bytes of every piece of a quantized block (§6, §8.3 step 3, §9).
@@ -169,5 +178,5 @@ def c_header() -> str:
 __all__ = [
     "FORMAT_VERSION", "CODE_BITS", "HIGH_BITS", "TIER_SLOTS", "TIER_WIDTHS", "INPUT_DTYPES", "META_DTYPES",
     "HIGH_DTYPES", "OUT_DTYPES", "ITEMSIZE", "FLOAT_MAX", "DTYPE_KIND", "HALF_ULP", "FIXED_ONE", "FIXED_MAX",
-    "row_bytes", "n_groups", "budget_count", "meta_overflow_error", "CostModel", "c_header",
+    "row_bytes", "n_groups", "budget_count", "meta_overflow_error", "range_overflow_error", "CostModel", "c_header",
 ]

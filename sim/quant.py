@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixkvq.format import meta_overflow_error, n_groups
+from mixkvq.format import meta_overflow_error, n_groups, range_overflow_error
 
 from .floats import cast_output, half_bits, half_bits_to_float32, meta_isinf, meta_to_float32, round_meta, to_float32
 from .packing import pack, unpack
@@ -45,8 +45,15 @@ def quantize(x: np.ndarray, bits: int, group_size: int, meta_dtype: str = "float
     bad = meta_isinf(scale, meta_dtype) | meta_isinf(zero, meta_dtype)
     if bad.any():
         raise meta_overflow_error(name, tuple(int(i) for i in np.argwhere(bad)[0]), meta_dtype)
-    s = _per_element(meta_to_float32(scale, meta_dtype), group_size, n)
-    z = _per_element(meta_to_float32(zero, meta_dtype), group_size, n)
+    s32, z32 = meta_to_float32(scale, meta_dtype), meta_to_float32(zero, meta_dtype)
+    with np.errstate(over="ignore"):
+        top = s32 * levels  # the largest dequantized value: fl32(fl32(L * s) + z)
+        top = top + z32
+    far = ~np.isfinite(top)
+    if far.any():
+        raise range_overflow_error(name, tuple(int(i) for i in np.argwhere(far)[0]))
+    s = _per_element(s32, group_size, n)
+    z = _per_element(z32, group_size, n)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         d = x32 - z
         t = d / s

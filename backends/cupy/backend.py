@@ -15,7 +15,7 @@ import numpy as np
 from mixkvq.backend import BackendBase
 from mixkvq.dtypes import dtype_name
 from mixkvq.format import DTYPE_KIND as _KIND
-from mixkvq.format import FIXED_ONE, TIER_SLOTS, meta_overflow_error, n_groups, row_bytes
+from mixkvq.format import FIXED_ONE, TIER_SLOTS, meta_overflow_error, n_groups, range_overflow_error, row_bytes
 
 from . import kernels as K
 from .launch import CupyLauncher, Launcher
@@ -150,9 +150,11 @@ class _KernelBackend(BackendBase):
         kind = _i32(_KIND[meta_dtype])
         self._run("quant_meta", rows * ng, [x32, np.int64(rows), _i32(n), _i32(group_size), _i32(ng),
                                             np.float32(2**bits - 1), kind, scale, zero, bad])
-        if rows * ng and bool(bad.any()):
-            first = int(xp.argmax(bad.reshape(-1)))
-            raise meta_overflow_error(name, tuple(int(i) for i in np.unravel_index(first, bad.shape)), meta_dtype)
+        if rows * ng and bool(bad.any()):  # metadata overflow (1) is reported before range overflow (2)
+            flat = bad.reshape(-1)
+            code = 1 if bool((flat == 1).any()) else 2
+            index = tuple(int(i) for i in np.unravel_index(int(xp.argmax(flat == code)), bad.shape))
+            raise meta_overflow_error(name, index, meta_dtype) if code == 1 else range_overflow_error(name, index)
         packed = xp.empty(lead + (rb,), dtype=xp.uint8)
         self._run(f"quant_pack<{bits}>", rows * rb, [x32, np.int64(rows), _i32(n), _i32(group_size), _i32(ng),
                                                      _i32(rb), kind, scale, zero, packed])

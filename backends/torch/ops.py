@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from mixkvq.format import FIXED_MAX, FIXED_ONE, FLOAT_MAX, meta_overflow_error, n_groups, row_bytes
+from mixkvq.format import FIXED_MAX, FIXED_ONE, FLOAT_MAX, meta_overflow_error, n_groups, range_overflow_error, row_bytes
 
 META_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: elements per tile of the quantize pipeline (float32 intermediates stay in L2)
@@ -167,6 +168,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, meta_dtype: str, name:
     levels = torch.tensor(float(2**bits - 1), dtype=torch.float32, device=x.device)
     lmax = float(2**bits - 1)
     tile = max(1, TILE_ELEMENTS // max(1, ng * G))
+    far_first: "tuple[int, torch.Tensor] | None" = None  # first tile with a range overflow (§3 step 4)
     for r0 in range(0, n_rows, tile):
         r1 = min(n_rows, r0 + tile)
         src = rows[r0:r1]
@@ -185,6 +187,9 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, meta_dtype: str, name:
         scale[r0:r1] = sc
         zero[r0:r1] = ze
         s = sc.to(torch.float32)
+        top = (s * levels).add_(ze.to(torch.float32))  # fl32(fl32(L * s) + z): the largest dequantized value
+        if far_first is None and not bool(torch.isfinite(top).all()):
+            far_first = (r0, ~torch.isfinite(top))
         # s == 0: every code is 0 (§3 step 5). Dividing by +Inf instead gives +-0, which
         # rounds and clamps to code 0 — no per-element select needed.
         s_div = s.masked_fill(s == 0, float("inf")).unsqueeze(-1)
@@ -192,6 +197,11 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, meta_dtype: str, name:
         d = groups.sub_(z) if owned else torch.sub(groups, z)  # one rounding
         d.div_(s_div).round_().clamp_(0.0, lmax)
         packed[r0:r1] = _pack_tile(d.reshape(r1 - r0, ng * G), n, bits)
+    if far_first is not None:  # metadata overflow anywhere is reported first (the simulator's order)
+        r0, far = far_first
+        row, group = (int(i) for i in torch.nonzero(far)[0].tolist())
+        index = np.unravel_index((r0 + row) * ng + group, (*lead, ng))
+        raise range_overflow_error(name, tuple(int(i) for i in index))
     return packed.reshape(*lead, nbytes), scale.reshape(*lead, ng), zero.reshape(*lead, ng)
 
 

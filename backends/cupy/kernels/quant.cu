@@ -8,7 +8,8 @@
          i += (long long)blockDim.x * gridDim.x)
 
 // §3 steps 1–4 per group: x float32 (nrows, n) -> scale, zero (nrows, ng) stored as `kind`;
-// bad[g] = 1 where a stored scale or zero is +-Inf (overflow, §2).
+// bad[g] = 1 where a stored scale or zero is +-Inf (overflow, §2), 2 where the group's
+// largest dequantized value fl32(fl32(L * s) + z) overflows float32 (§3 step 4).
 extern "C" __global__ void quant_meta(const float* __restrict__ x, long long nrows, int n, int G, int ng,
                                       float L, int kind, void* scale, void* zero, int* __restrict__ bad) {
     GRID_STRIDE(g, nrows * ng) {
@@ -26,9 +27,11 @@ extern "C" __global__ void quant_meta(const float* __restrict__ x, long long nro
         mx = __fadd_rn(mx, 0.0f);
         float scale32 = __fdiv_rn(__fsub_rn(mx, mn), L);
         bool inf_s, inf_z;
-        mixkvq_store_meta(scale, g, kind, scale32, &inf_s);
-        mixkvq_store_meta(zero, g, kind, mn, &inf_z);
-        bad[g] = (inf_s || inf_z) ? 1 : 0;
+        float s = mixkvq_store_meta(scale, g, kind, scale32, &inf_s);
+        float z = mixkvq_store_meta(zero, g, kind, mn, &inf_z);
+        float top = __fadd_rn(__fmul_rn(s, L), z);
+        bool far = (__float_as_uint(top) & 0x7FFFFFFFu) >= 0x7F800000u;
+        bad[g] = (inf_s || inf_z) ? 1 : (far ? 2 : 0);
     }
 }
 

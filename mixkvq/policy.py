@@ -78,6 +78,7 @@ def get_policy(policy: "str | SaliencePolicy") -> SaliencePolicy:
 
 
 def available_policies() -> list[str]:
+    """Names of every registered salience policy."""
     return sorted(_REGISTRY)
 
 

@@ -146,3 +146,28 @@ def test_tensors_round_trip(tmp_path):
     assert back["n"].tolist() == [0, 1, 2, 3]
     save_tensors(tmp_path / "t2", back, meta={"layer": 3})
     assert (tmp_path / "t").read_bytes() == (tmp_path / "t2").read_bytes()
+
+
+def test_a_file_written_by_version_0_1_loads_and_continues(tmp_path):
+    """tests/data/cache_v0.1.mkvq was saved by mixkvq 0.1 (``schema_version`` header, a config
+    with every field and ``backend``). It must load, equal a fresh cache fed the same stream
+    (tests/data/cache_v0.1_inputs.npz: 30 tokens with queries, 10 without, 5 lagging queries),
+    and keep streaming."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    old = load_cache(data / "cache_v0.1.mkvq")
+    x = np.load(data / "cache_v0.1_inputs.npz")
+    fresh = KVCache(old.config, backend="numpy")
+    fresh.append(x["k"][:, :, :30], x["v"][:, :, :30], queries=x["q"][:, :, :30])
+    fresh.append(x["k"][:, :, 30:], x["v"][:, :, 30:])
+    fresh.observe_queries(x["q"][:, :, 30:35])
+    assert (old.seq_len, old.n_quantized, old.query_position, old.nbytes) == (40, 32, 35, 3088)
+    assert (fresh.n_quantized, fresh.query_position, fresh.nbytes) == (old.n_quantized, old.query_position, old.nbytes)
+    for a, b in zip(old.dequantized(), fresh.dequantized()):
+        assert np.array_equal(a, b)
+    q = x["q"][:, :, -1:]
+    assert np.array_equal(old.attention(q), fresh.attention(q))
+    save_cache(old, tmp_path / "new.mkvq")  # re-saved in the current format, it round-trips
+    again = load_cache(tmp_path / "new.mkvq")
+    assert again.nbytes == old.nbytes and np.array_equal(again.dequantized()[0], old.dequantized()[0])

@@ -99,10 +99,12 @@ class Backend(Protocol):
         of a width in ``(b, h, d)`` order. :class:`BackendBase` composes it from ``quantize``
         and ``encode_half``; a backend may do it in one call."""
 
-    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool) -> Any:
+    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, mask: Any = None) -> Any:
         """softmax(q K^T * scale) V over a :class:`mixkvq.state.Storage` read with a
         :class:`mixkvq.layout.PackedLayout` -> float32 ``q.shape``. Query ``i`` of ``Tq`` sits
-        at position ``T - Tq + i`` and, when causal, sees positions up to its own."""
+        at position ``T - Tq + i`` and, when causal, sees positions up to its own; ``mask``
+        (bool ``(B, Tq, T)``, True = may attend, the same for every head) removes more (padding).
+        A query row that sees no token returns zeros."""
 
 
 class BackendBase:
@@ -130,6 +132,7 @@ _FACTORIES: dict[str, Callable[[], Backend]] = {}
 _BUILTIN = {
     "numpy": "mixkvq.sim.backend:NumpyBackend",
     "torch": "mixkvq.backends.torch:TorchBackend",
+    "cpu": "mixkvq.backends.cpu:CpuBackend",  # native C++ kernels on CPU torch tensors
     "cupy": "mixkvq.backends.cupy:CupyBackend",
     "cupy-cpu": "mixkvq.backends.cupy:CupyCpuBackend",  # the CUDA sources run on the CPU (CI)
 }

@@ -263,9 +263,13 @@ class KVCache:
         check_finite(q, "queries", backend)
 
     # -- output ----------------------------------------------------------------------------
-    def attention(self, q: Any, *, scale: float | None = None, causal: bool = True) -> Any:
+    def attention(self, q: Any, *, scale: float | None = None, causal: bool = True, mask: Any = None) -> Any:
         """``softmax(q K^T * scale) V`` over the whole cache. ``q (B, Hq, Tq, D)`` holds the
-        last ``Tq`` tokens' queries (decode: ``Tq = 1``); returns float32 of q's shape."""
+        last ``Tq`` tokens' queries (decode: ``Tq = 1``); returns float32 of q's shape.
+
+        ``mask``: which cached positions each query may see, bool (or 0/1) ``(B, Tq, T)`` or
+        ``(B, 1, Tq, T)`` (True = attend; e.g. left padding), applied on top of ``causal``.
+        A query that sees no position returns zeros."""
         check_float_tensor(q, "q", ndim=4)
         state = self._state
         g = state.geometry
@@ -279,8 +283,14 @@ class KVCache:
             raise ValueError(f"q covers {Tq} tokens but the cache holds only {state.n_tokens}")
         backend = self.backend
         check_finite(q, "q", backend)
+        if scale is None:
+            scale = 1.0 / math.sqrt(D)
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a positive finite number; got {scale!r}")
+        if mask is not None:
+            mask = _attention_mask(mask, (B, Tq, state.n_tokens), backend, like=q)
         out = backend.attention(backend.from_any(q), state.storage, PackedLayout(self.config, D),
-                                scale=scale if scale is not None else 1.0 / math.sqrt(D), causal=causal)
+                                scale=float(scale), causal=causal, mask=mask)
         return convert_like(out, q, backend)
 
     def dequantized(self) -> tuple[Any, Any]:
@@ -369,3 +379,16 @@ class KVCache:
             bits += int(tm.sum()) * block.n_tokens
             elements += tm.size * block.n_tokens
         return bits, elements
+
+
+def _attention_mask(mask: Any, shape: tuple[int, int, int], backend: Any, *, like: Any) -> Any:
+    """A user's attention mask as the backend's bool ``(B, Tq, T)`` (True = attend)."""
+    m = backend.to_numpy(backend.from_any(mask)) if not isinstance(mask, np.ndarray) else mask
+    m = np.asarray(m)
+    if m.ndim == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.dtype.kind not in "biu":
+        raise TypeError(f"mask must be bool (True = attend) or 0/1 integers; got dtype {m.dtype}")
+    if tuple(m.shape) != shape:
+        raise ValueError(f"mask has shape {tuple(np.shape(mask))}; expected (B, Tq, T) = {shape} or (B, 1, Tq, T)")
+    return backend.from_any(np.ascontiguousarray(m != 0), like=like)

@@ -14,3 +14,11 @@ def test_torch_backend_conforms():
     pytest.importorskip("torch")
     report = check_backend("torch")
     assert all(n > 0 for n in report.examples.values()), report
+
+
+def test_native_cpu_backend_conforms():
+    """The C++ backend: every stored byte as the simulator's, attention within tolerance
+    (building it here is the CI check that the native source compiles)."""
+    pytest.importorskip("torch")
+    report = check_backend("cpu")
+    assert all(n > 0 for n in report.examples.values()), report

@@ -306,9 +306,14 @@ class _KernelBackend(BackendBase):
                     vtok=xp.asarray(vtok), vchunk=xp.asarray(vchunk), vptr=xp.asarray(vptr), res_v=res_v, T=T,
                     keep=keep)
 
-    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, plan: dict | None = None) -> Any:
+    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, mask: Any = None,
+                  plan: dict | None = None) -> Any:
         """Fused decode attention: q ``(B, Hq, Tq, D)`` -> float32 ``(B, Hq, Tq, D)``, reading the
-        packed key blocks, packed values and the residual directly (flash-decoding splits)."""
+        packed key blocks, packed values and the residual directly (flash-decoding splits).
+        Padding masks are not in the CUDA kernel yet: ``mask`` raises NotImplementedError."""
+        if mask is not None:
+            raise NotImplementedError("the CUDA attention kernel takes no padding mask yet; use the 'cpu' or "
+                                      "'torch' backend, or MixKVQCache(attention='dequantized'), for padded batches")
         xp, cfg = self.xp, layout.config
         q32 = self._f32(q)
         B, Hq, Tq, D = (int(s) for s in q32.shape)

@@ -8,17 +8,13 @@ the generated launch wrappers, the compiler and its flags) into ``kernels.cache_
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._native import build_library
 from . import kernels as K
 from .launch import Launcher
 
@@ -42,36 +38,9 @@ def wrapper_source(module: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        raise RuntimeError("the CPU emulation of the CUDA kernels needs a C++17 compiler (g++); none found")
-    return cxx
-
-
 def build(module: str) -> Path:
     """Compile (or find in the cache) the shared library of ``module``; return its path."""
-    cxx = compiler()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    src = wrapper_source(module)
-    h = hashlib.sha256()
-    for part in (src, K.kernel_dir_hash(), cxx, version, " ".join(CXX_FLAGS)):
-        h.update(part.encode() + b"\0")
-    folder = K.cache_root() / "cpu"
-    lib = folder / f"{module}-{h.hexdigest()[:24]}.so"
-    if lib.exists():
-        return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        cpp = Path(tmp) / f"{module}_cpu.cpp"
-        cpp.write_text(src)
-        out = Path(tmp) / lib.name
-        cmd = [cxx, *CXX_FLAGS, "-I", str(K.KERNEL_DIR), "-o", str(out), str(cpp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"g++ failed to build the CPU emulation of {module}:\n{' '.join(cmd)}\n{proc.stderr}")
-        out.replace(lib)  # atomic: concurrent builders of the same hash are harmless
-    return lib
+    return build_library(module, wrapper_source(module), include_dirs=[K.KERNEL_DIR], flags=CXX_FLAGS, subfolder="cpu")
 
 
 class CpuLauncher(Launcher):

@@ -245,7 +245,8 @@ class ValueReader:
         out += zs
 
 
-def attention(chunk_tokens: int, q: torch.Tensor, storage: Any, layout: Any, *, scale: float, causal: bool) -> torch.Tensor:
+def attention(chunk_tokens: int, q: torch.Tensor, storage: Any, layout: Any, *, scale: float, causal: bool,
+              mask: "torch.Tensor | None" = None) -> torch.Tensor:
     cfg = layout.config
     q32 = ops.to_float32(q)
     B, Hq, Tq, D = q32.shape
@@ -260,6 +261,8 @@ def attention(chunk_tokens: int, q: torch.Tensor, storage: Any, layout: Any, *, 
     device = q32.device
     row_pos = (T - Tq) + torch.arange(M, device=device) % Tq
     masked = causal and Tq > 1
+    # mask (B, Tq, T) -> per row r*Tq + i of the grouped queries: (B, 1, M, T)
+    row_mask = None if mask is None else mask.to(torch.bool)[:, torch.arange(M, device=device) % Tq][:, None]
     m = torch.full((B, H, M, 1), -math.inf, dtype=torch.float32, device=device)
     l = torch.zeros((B, H, M, 1), dtype=torch.float32, device=device)
     acc = torch.zeros((B, H, M, D), dtype=torch.float64, device=device)  # normalised output so far
@@ -272,6 +275,8 @@ def attention(chunk_tokens: int, q: torch.Tensor, storage: Any, layout: Any, *, 
         if masked:
             tok = torch.arange(start, start + n, device=device)
             s.masked_fill_(tok[None, :] > row_pos[:, None], -math.inf)
+        if row_mask is not None:
+            s.masked_fill_(~row_mask[..., start: start + n], -math.inf)
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         # a row that has seen only masked tokens keeps m = -inf: exp(-inf - -inf) would be NaN
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)

@@ -140,7 +140,8 @@ class TorchBackend(BackendBase):
         return ops.assign_threshold(salience, tau_high, tau_mid, tier_bits)
 
     # -- attention ------------------------------------------------------------------------
-    def attention(self, q: torch.Tensor, storage: Any, layout: Any, *, scale: float, causal: bool) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, storage: Any, layout: Any, *, scale: float, causal: bool,
+                  mask: Any = None) -> torch.Tensor:
         """``softmax(q K^T * scale) V`` over a cache's storage -> float32 ``q.shape``.
 
         Scores and ``p @ V`` straight from the codes (scale/zero algebra, no dequantized
@@ -149,4 +150,5 @@ class TorchBackend(BackendBase):
         Grouped-query: query head ``j`` uses KV head ``j // n_rep``; query ``i`` of ``Tq``
         sits at position ``T - Tq + i`` and, when causal, sees positions up to its own.
         """
-        return _fast_attention(self.attention_chunk_tokens, q, storage, layout, scale=scale, causal=causal)
+        return _fast_attention(self.attention_chunk_tokens, q, storage, layout, scale=scale, causal=causal,
+                               mask=None if mask is None else self.from_any(mask, like=q))

@@ -1,0 +1,299 @@
+"""CpuBackend: the Backend protocol on torch CPU tensors, with native kernels for the hot ops.
+
+The storage, metadata dtypes and every op the kernels do not replace are the torch
+backend's (so both hold identical tensors and share its plumbing); quantize + pack,
+unpack + dequantize, the key-block encode and the fused attention call
+``kernels/mixkvq_cpu.cpp`` through ctypes (which releases the GIL during the call). Threads:
+``torch.get_num_threads()`` at each call, so ``torch.set_num_threads`` governs both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mixkvq.format import DTYPE_KIND, HIGH_BITS, TIER_SLOTS, meta_overflow_error, n_groups, range_overflow_error, row_bytes
+
+from .._native import build_library
+from ..cupy.kernels import KERNEL_DIR as _SHARED_HEADERS
+from ..torch import TorchBackend
+from ..torch.ops import to_float32
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+SOURCE = "mixkvq_cpu.cpp"
+#: IEEE float32 exactly as the spec: no FMA contraction, no fast math (-fno-math-errno only
+#: lets rintf inline; it changes no result). -march=native: AVX2 / AVX-512 where present.
+CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno",
+             "-fopenmp", "-fPIC", "-shared")
+ABI_VERSION = 1
+
+_P, _I, _Q, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
+_SIGNATURES = {
+    "mkq_quantize": [_P, _I, _Q, _I, _I, _I, _I, _P, _P, _P, _P, _I],
+    "mkq_dequantize": [_P, _P, _P, _I, _Q, _I, _I, _I, _I, _P, _I],
+    "mkq_pack": [_P, _Q, _I, _I, _P, _I],
+    "mkq_unpack": [_P, _Q, _I, _I, _P, _I],
+    "mkq_encode_key_block": [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _I],
+    "mkq_attention": [_P, _I, _I, _I, _I, _I, _Q, _F, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _Q, _I, _P, _P,
+                      _P, _I, _Q, _P, _I, _I],
+}
+_LIB: Any = None
+_LIB_LOCK = threading.Lock()
+_KIND_OF_TORCH = {torch.float32: DTYPE_KIND["float32"], torch.float16: DTYPE_KIND["float16"],
+                  torch.bfloat16: DTYPE_KIND["bfloat16"]}
+_TORCH_OF_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_library() -> Any:
+    """Build (first use) and load the native library; raises RuntimeError saying what is missing."""
+    global _LIB
+    with _LIB_LOCK:
+        if _LIB is None:
+            # our OpenMP runtime is not torch's: idle workers must sleep, not spin on the cores
+            # torch's own threads need between two calls
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            path = build_library("mixkvq_cpu", f'#include "{SOURCE}"\n', include_dirs=[KERNEL_DIR, _SHARED_HEADERS],
+                                 flags=CXX_FLAGS, subfolder="native")
+            lib = ctypes.CDLL(str(path))
+            if lib.mkq_abi_version() != ABI_VERSION:
+                raise RuntimeError(f"{path} has ABI {lib.mkq_abi_version()}, expected {ABI_VERSION}")
+            for name, args in _SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = args, None
+            _LIB = lib
+        return _LIB
+
+
+def _ptr(t: "torch.Tensor | None") -> int | None:
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _kind(t: torch.Tensor) -> int:
+    return _KIND_OF_TORCH[t.dtype]
+
+
+class CpuBackend(TorchBackend):
+    """Native C++ kernels on CPU torch tensors; bit-exact with the simulator (docs/cpu.md).
+
+    Construction builds the library if needed (seconds, once per machine and source) and
+    raises RuntimeError when no C++ compiler is available.
+    """
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self.lib = load_library()
+        self._memo: dict[int, tuple] = {}
+
+    @staticmethod
+    def _threads() -> int:
+        return max(1, torch.get_num_threads())
+
+    def is_native(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor) and x.device.type == "cpu"
+
+    def from_any(self, x: Any, *, like: Any = None) -> torch.Tensor:
+        t = super().from_any(x)
+        if t.device.type != "cpu":
+            raise ValueError(f"the 'cpu' backend works on CPU tensors; got a tensor on {t.device}. "
+                             "Use backend='torch' or 'cupy' for GPU tensors")
+        return t
+
+    @staticmethod
+    def _input(x: torch.Tensor) -> torch.Tensor:
+        """A contiguous CPU tensor of a kind the kernels read (float16/bfloat16/float32 as is,
+        anything else converted to float32 by §1's rule)."""
+        if x.dtype not in _KIND_OF_TORCH:
+            x = to_float32(x)
+        return x.contiguous()
+
+    # -- §5 ---------------------------------------------------------------------------------
+    def pack(self, codes: torch.Tensor, bits: int) -> torch.Tensor:
+        codes = self.from_any(codes).to(torch.uint8).contiguous()
+        n = int(codes.shape[-1])
+        rows = codes.numel() // n if n else 0
+        out = torch.empty(tuple(codes.shape[:-1]) + (row_bytes(n, bits),), dtype=torch.uint8)
+        if rows and n:
+            self.lib.mkq_pack(codes.data_ptr(), rows, n, bits, out.data_ptr(), self._threads())
+        return out
+
+    def unpack(self, packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+        packed = self.from_any(packed).to(torch.uint8).contiguous()
+        out = torch.empty(tuple(packed.shape[:-1]) + (int(n),), dtype=torch.uint8)
+        rows = out.numel() // n if n else 0
+        if rows:
+            self.lib.mkq_unpack(packed.data_ptr(), rows, int(n), bits, out.data_ptr(), self._threads())
+        return out
+
+    # -- §3–§4 --------------------------------------------------------------------------------
+    def quantize(self, x: torch.Tensor, bits: int, group_size: int, meta_dtype: str, name: str = "x"):
+        x = self._input(self.from_any(x))
+        n = int(x.shape[-1])
+        lead = tuple(x.shape[:-1])
+        ng, rb = n_groups(n, group_size), row_bytes(n, bits)
+        rows = x.numel() // n if n else 0
+        mdt = _TORCH_OF_NAME[meta_dtype]
+        scale = torch.empty(lead + (ng,), dtype=mdt)
+        zero = torch.empty(lead + (ng,), dtype=mdt)
+        packed = torch.empty(lead + (rb,), dtype=torch.uint8)
+        if rows and n:
+            bad = np.full(2, -1, dtype=np.int64)
+            self.lib.mkq_quantize(x.data_ptr(), _kind(x), rows, n, group_size, bits, DTYPE_KIND[meta_dtype],
+                                  scale.data_ptr(), zero.data_ptr(), packed.data_ptr(), bad.ctypes.data,
+                                  self._threads())
+            if bad[0] >= 0:
+                raise meta_overflow_error(name, tuple(int(i) for i in np.unravel_index(int(bad[0]), lead + (ng,))),
+                                          meta_dtype)
+            if bad[1] >= 0:
+                raise range_overflow_error(name, tuple(int(i) for i in np.unravel_index(int(bad[1]), lead + (ng,))))
+        return packed, scale, zero
+
+    def dequantize(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   group_size: int, n: int, out_dtype: str = "float32") -> torch.Tensor:
+        packed = self.from_any(packed).to(torch.uint8).contiguous()
+        scale = self.from_any(scale).contiguous()
+        zero = self.from_any(zero).to(scale.dtype).contiguous()
+        if scale.dtype not in _KIND_OF_TORCH:
+            raise TypeError(f"scale has dtype {scale.dtype}; metadata is float16, bfloat16 or float32")
+        out = torch.empty(tuple(packed.shape[:-1]) + (int(n),), dtype=_TORCH_OF_NAME[out_dtype])
+        rows = out.numel() // n if n else 0
+        if rows:
+            self.lib.mkq_dequantize(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), _kind(scale), rows, int(n),
+                                    group_size, bits, DTYPE_KIND[out_dtype], out.data_ptr(), self._threads())
+        return out
+
+    # -- §6: a whole key block in one call ------------------------------------------------------
+    def encode_key_block(self, keys: Any, tier_map: Any, widths: Sequence[int], group_size: int, meta_dtype: str,
+                         high_dtype: str, name: str = "keys") -> "dict[int, tuple[Any, Any, Any]]":
+        keys = self._input(self.from_any(keys))
+        tier_map = self.from_any(tier_map).to(torch.uint8).contiguous()
+        B, H, R, D = (int(s) for s in keys.shape)
+        counts = torch.bincount(tier_map.reshape(-1).to(torch.int64), minlength=TIER_SLOTS)
+        mdt = _TORCH_OF_NAME[meta_dtype]
+        ng = n_groups(R, group_size)
+        out: dict[int, tuple[Any, Any, Any]] = {}
+        table = (ctypes.c_void_p * (3 * TIER_SLOTS))()
+        for w in widths:
+            count = int(counts[w]) if w < TIER_SLOTS else 0
+            if w == HIGH_BITS:
+                out[w] = (torch.empty((count, 2 * R), dtype=torch.uint8), None, None)
+            else:
+                out[w] = (torch.empty((count, row_bytes(R, w)), dtype=torch.uint8),
+                          torch.empty((count, ng), dtype=mdt), torch.empty((count, ng), dtype=mdt))
+            for s, a in enumerate(out[w]):
+                if a is not None:
+                    table[3 * w + s] = a.data_ptr() if count else None
+        if B * H * R * D:
+            bad = np.full(2 * TIER_SLOTS, -1, dtype=np.int64)
+            self.lib.mkq_encode_key_block(keys.data_ptr(), _kind(keys), B, H, R, D, tier_map.data_ptr(), group_size,
+                                          DTYPE_KIND[meta_dtype], DTYPE_KIND[high_dtype], table, bad.ctypes.data,
+                                          self._threads())
+            for w in widths:  # the order the composed default reports in
+                if w == HIGH_BITS:
+                    if bad[2 * w] >= 0:
+                        idx = tuple(int(i) for i in np.unravel_index(int(bad[2 * w]), (int(counts[w]), R)))
+                        raise meta_overflow_error(name, idx, high_dtype, what="16-bit key channel")
+                    continue
+                shape = (int(counts[w]), ng)
+                if bad[2 * w] >= 0:
+                    raise meta_overflow_error(name, tuple(int(i) for i in np.unravel_index(int(bad[2 * w]), shape)),
+                                              meta_dtype)
+                if bad[2 * w + 1] >= 0:
+                    raise range_overflow_error(name, tuple(int(i) for i in np.unravel_index(int(bad[2 * w + 1]), shape)))
+        return out
+
+    # -- fused attention ------------------------------------------------------------------------------
+    @staticmethod
+    def _key_pointers(blk: Any) -> tuple[Any, list, list]:
+        table: list = [None] * (TIER_SLOTS * 3)
+        tm = blk.tier_map.contiguous()
+        held = [tm]
+        for w, rows in blk.tiers.items():
+            for s, a in enumerate(rows.arrays()):
+                a = a.contiguous()
+                held.append(a)
+                table[3 * w + s] = _ptr(a)
+        return tm.data_ptr(), table, held
+
+    @staticmethod
+    def _value_pointers(rows: Any) -> tuple[Any, list, list]:
+        held = [a.contiguous() for a in rows.arrays()]
+        return None, [_ptr(a) for a in held], held
+
+    def _pointers(self, obj: Any, make: Any) -> tuple[Any, list]:
+        """The data pointers of a stored (immutable) key block or value chunk, computed once
+        per object and dropped with it; the entry holds the arrays it points to."""
+        key = id(obj)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0]() is obj:
+            return hit[1], hit[2]
+        first, table, held = make(obj)
+        self._memo[key] = (weakref.ref(obj, lambda _, key=key: self._memo.pop(key, None)), first, table, held)
+        return first, table
+
+    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, mask: Any = None) -> torch.Tensor:
+        """Fused decode attention straight from the packed storage (docs/cpu.md): q
+        ``(B, Hq, Tq, D)`` -> float32; ``mask`` bool ``(B, Tq, T)`` (True = may attend) or None."""
+        cfg = layout.config
+        q32 = to_float32(self.from_any(q)).contiguous()
+        B, Hq, Tq, D = (int(s) for s in q32.shape)
+        blocks = storage.key_blocks
+        keep: list[torch.Tensor] = []
+
+        def contig(t: torch.Tensor) -> torch.Tensor:
+            t = t.contiguous()
+            keep.append(t)
+            return t
+
+        nkb = len(blocks)
+        R = int(cfg.residual_length)
+        tier_ptrs = (ctypes.c_void_p * max(1, nkb))()
+        kptr = (ctypes.c_void_p * max(1, nkb * TIER_SLOTS * 3))()
+        for j, blk in enumerate(blocks):
+            tm, table = self._pointers(blk, self._key_pointers)
+            tier_ptrs[j] = tm
+            kptr[j * TIER_SLOTS * 3: (j + 1) * TIER_SLOTS * 3] = table
+        chunks = storage.value_rows
+        nvc = len(chunks)
+        vchunk = np.zeros((max(1, nvc), 3), dtype=np.int64)
+        vptr = (ctypes.c_void_p * max(1, 3 * nvc))()
+        start = 0
+        for c, rows in enumerate(chunks):
+            n = rows.n_tokens
+            vchunk[c] = (start, n, int(rows.bits))
+            vptr[3 * c: 3 * c + 3] = self._pointers(rows, self._value_pointers)[1]
+            start += n
+
+        def residual(a: Any) -> tuple[Any, int, int]:
+            if a is None or int(a.shape[2]) == 0:
+                return None, DTYPE_KIND["float32"], 0
+            t = contig(self._input(a))
+            return t.data_ptr(), _kind(t), int(a.shape[2])
+
+        rk_ptr, rk_kind, rk = residual(storage.residual_keys)
+        rv_ptr, rv_kind, rv = residual(storage.residual_values)
+        H = int(blocks[0].tier_map.shape[1]) if blocks else int(storage.residual_keys.shape[1])
+        T = nkb * R + rk
+        if T != start + rv:
+            raise ValueError(f"cache storage holds {T} key tokens but {start + rv} value tokens")
+        mask_ptr = None
+        if mask is not None:
+            m = self.from_any(mask).to(torch.uint8).contiguous()
+            if tuple(m.shape) != (B, Tq, T):
+                raise ValueError(f"mask has shape {tuple(m.shape)}; expected (B, Tq, T) = {(B, Tq, T)}")
+            keep.append(m)
+            mask_ptr = m.data_ptr()
+        out = torch.empty((B, Hq, Tq, D), dtype=torch.float32)
+        self.lib.mkq_attention(q32.data_ptr(), B, H, Hq // H, Tq, D, T, float(scale), int(bool(causal)), mask_ptr,
+                               nkb, R, cfg.group_size, DTYPE_KIND[cfg.meta_dtype], DTYPE_KIND[cfg.high_dtype],
+                               tier_ptrs, kptr, rk_ptr, rk_kind, rk, nvc, vchunk.ctypes.data, vptr, rv_ptr, rv_kind,
+                               rv, out.data_ptr(), self._threads(), 0)
+        del keep
+        return out

@@ -167,16 +167,45 @@ def test_packed_attention_matches_the_dequantized_path_without_forming_the_histo
     assert torch.allclose(a, b, atol=2e-3, rtol=1e-3) and torch.allclose(a2, b2, atol=2e-3, rtol=1e-3)
     assert all(layer._memo_k is None for layer in packed.layers)
     got = _gen(model, enc, MixKVQCache(cfg, model_config=model.config, attention="packed"), max_new_tokens=8, do_sample=False)
-    ref = _gen(model, enc, MixKVQCache(cfg, model_config=model.config), max_new_tokens=8, do_sample=False)
+    ref = _gen(model, enc, MixKVQCache(cfg, model_config=model.config, attention="dequantized"), max_new_tokens=8,
+               do_sample=False)
     assert torch.equal(got, ref)
 
 
-def test_packed_attention_refuses_padding_masks(hf):
+def test_padded_batch_in_packed_mode_gives_the_dequantized_modes_tokens(hf):
+    """Left-padded prompts of different lengths: the packed path applies the padding mask
+    itself (prefill, decode and a multi-token chunk) and picks the harness's greedy tokens."""
     from mixkvq.integrations.transformers import MixKVQCache
 
     model, tok, _ = hf
-    with pytest.raises(NotImplementedError, match="without padding masks"):
-        _gen(model, _batch(tok), MixKVQCache(MixKVQConfig(residual_length=32), model_config=model.config,
-                                             attention="packed"), max_new_tokens=2, do_sample=False)
+    cfg = MixKVQConfig(group_size=8, residual_length=16)
+    enc = _batch(tok)
+    assert int(enc["attention_mask"].min()) == 0  # really padded
+    packed = MixKVQCache(cfg, model_config=model.config, attention="packed")
+    got = _gen(model, enc, packed, max_new_tokens=24, do_sample=False)
+    ref = _gen(model, enc, MixKVQCache(cfg, model_config=model.config, attention="dequantized"),
+               max_new_tokens=24, do_sample=False)
+    assert packed.kv_caches[0].n_quantized > 0
+    assert torch.equal(got, ref)
     with pytest.raises(ValueError, match="attention must be one of"):
         MixKVQCache(attention="fast")
+
+
+def test_the_default_cache_never_holds_a_dequantized_history(hf):
+    """The README's cache: packed attention, so no layer memoises dequantized keys/values and
+    update() hands the model only the new tokens."""
+    from mixkvq.integrations.transformers import MixKVQCache
+
+    model, tok, _ = hf
+    cache = MixKVQCache(MixKVQConfig(group_size=8, residual_length=16), model_config=model.config)
+    assert cache.attention == "packed"
+    enc = tok(["The history of the printing press begins"], return_tensors="pt")
+    _gen(model, enc, cache, max_new_tokens=20, do_sample=False)
+    layer = cache.layers[0]
+    assert layer.kv.n_quantized > 0
+    assert all(lay._memo_k is None and lay._memo_v is None for lay in cache.layers)
+    k = torch.randn(1, 3, 1, 64)
+    out_k, out_v = layer.update(k, k)
+    assert out_k.shape[2] == 1  # only the new token: there is no history to return
+    import mixkvq.integrations.transformers as integ
+    integ._PENDING.set(None)

@@ -46,10 +46,37 @@ ATTENTION_MODES = ("dequantized", "packed")
 TESTED_TRANSFORMERS = "5.24"
 
 
-def default_backend_name() -> str:
-    """The backend the integration uses when none is given: ``$MIXKVQ_BACKEND``, else
-    ``"torch"`` (transformers brings torch, so the torch backend always loads)."""
-    return os.environ.get(ENV_VAR) or "torch"
+_NATIVE: "dict[str, str | None]" = {}
+
+
+def native_cpu_status() -> "str | None":
+    """None when the native ``"cpu"`` backend loads here (it is built on first use), else
+    why not (e.g. no C++ compiler)."""
+    if "status" not in _NATIVE:
+        try:
+            get_backend("cpu")
+            _NATIVE["status"] = None
+        except (RuntimeError, OSError) as exc:
+            _NATIVE["status"] = str(exc).splitlines()[0]
+    return _NATIVE["status"]
+
+
+def default_backend_name(device: "str | torch.device" = "cpu") -> str:
+    """The backend the integration uses when none is given: ``$MIXKVQ_BACKEND``; else, for
+    tensors on the CPU, the native ``"cpu"`` backend when it builds here (a warning says so
+    when it does not); else ``"torch"`` (transformers brings torch, so it always loads)."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return env
+    if torch.device(device).type == "cpu":
+        why = native_cpu_status()
+        if why is None:
+            return "cpu"
+        if not _NATIVE.get("warned"):
+            _NATIVE["warned"] = "yes"
+            warnings.warn(f"mixkvq: the native CPU backend is unavailable ({why}); using the slower 'torch' "
+                          "backend", RuntimeWarning, stacklevel=2)
+    return "torch"
 
 
 @dataclass
@@ -71,7 +98,7 @@ class MixKVQLayer(CacheLayerMixin):
     is_croppable = False  # crops inside a quantized block are refused (see KVCache.crop)
     is_sliding = False
 
-    def __init__(self, config: MixKVQConfig | None = None, *, attention: str = "dequantized",
+    def __init__(self, config: MixKVQConfig | None = None, *, attention: str = "packed",
                  backend: "str | Backend | None" = None) -> None:
         super().__init__()
         if attention not in ATTENTION_MODES:
@@ -79,6 +106,7 @@ class MixKVQLayer(CacheLayerMixin):
         self.attention = attention
         self.prefill = True
         self.config = config or MixKVQConfig()
+        self._auto_backend = backend is None and not os.environ.get(ENV_VAR)
         self.backend = get_backend(backend or default_backend_name())
         self.kv = KVCache(self.config, backend=self.backend)
         self._memo_k: torch.Tensor | None = None  # dequantized key blocks (model dtype)
@@ -91,6 +119,11 @@ class MixKVQLayer(CacheLayerMixin):
     # -- CacheLayerMixin ----------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self._auto_backend and self.kv.seq_len == 0:  # the default follows the model's device
+            name = default_backend_name(key_states.device)
+            if name != self.backend.name:
+                self.backend = get_backend(name)
+                self.kv = KVCache(self.config, backend=self.backend)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,10 +163,11 @@ class MixKVQLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def packed_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def packed_attention(self, query: torch.Tensor, scaling: float, mask: "torch.Tensor | None" = None) -> torch.Tensor:
         """Causal attention of ``query (B, Hq, T, D)`` (the tokens appended last) over the packed
-        cache — no dequantized history is formed. Returns ``(B, T, Hq, D)`` in the query's dtype."""
-        out = self.kv.attention(query.detach(), scale=scaling, causal=True)
+        cache — no dequantized history is formed; ``mask`` bool ``(B, T, kv_len)`` (True =
+        attend) adds padding. Returns ``(B, T, Hq, D)`` in the query's dtype."""
+        out = self.kv.attention(query.detach(), scale=scaling, causal=True, mask=mask)
         return out.to(query.dtype).transpose(1, 2).contiguous()
 
     def reset(self) -> None:
@@ -219,28 +253,29 @@ class MixKVQCache(Cache):
         config: the :class:`~mixkvq.MixKVQConfig` (default: the paper's), or a path to a
             config JSON (``mixkvq calibrate`` writes one). Its ``backend`` defaults to
             :func:`default_backend_name`.
-        attention: ``"dequantized"`` (default): ``update`` returns the stored history
-            dequantized (memoised) and the ``"mixkvq"`` attention function runs SDPA on it —
-            every transformers mask feature works, but the process holds a dequantized copy.
-            ``"packed"``: ``update`` returns only the new tokens and the attention function
-            computes attention from the packed cache (:meth:`mixkvq.KVCache.attention`), so
-            no dequantized history exists; needs the ``"mixkvq"`` attention function. The
-            prefill attends to its own exact tokens (SDPA); later forwards read the packed
-            history and must be free of padding masks. With a policy that does not use
-            queries, a token that completes a block is quantized before it is attended to.
+        attention: ``"packed"`` (default): ``update`` returns only the new tokens and the
+            ``"mixkvq"`` attention function computes attention from the packed cache
+            (:meth:`mixkvq.KVCache.attention`: fused kernels on the ``cpu`` and ``cupy``
+            backends), so no dequantized history ever exists. The prefill attends to its own
+            exact tokens (SDPA); later forwards (decode, chunks, speculative tokens) read the
+            packed history with the causal rule plus any padding mask (left-padded batches).
+            ``"dequantized"``: an opt-in quality harness — ``update`` returns the history
+            dequantized (memoised) and SDPA runs on it, so every transformers mask feature
+            works, at the price of a dequantized copy in memory. With a policy that does not
+            use queries, a token that completes a block is quantized before it is attended to.
         model_config: the model's config; when given, one layer per hidden layer is created
             up front (otherwise layers appear lazily on first use).
         layer_configs: optional per-layer overrides ``{layer_idx: MixKVQConfig}``; ``None`` for
             a layer keeps it in full precision (a transformers ``DynamicLayer``, counted at its
             real bytes), e.g. for layers a sensitivity probe finds too fragile to quantize.
         backend: the backend of every layer (name or object); default
-            :func:`default_backend_name`.
+            :func:`default_backend_name` of each layer's device.
 
     Query-aware policies need the ``"mixkvq"`` attention implementation (:func:`enable`).
     """
 
     def __init__(self, config: "MixKVQConfig | str | os.PathLike[str] | None" = None, *, model_config: Any = None,
-                 layer_configs: "dict[int, MixKVQConfig | None] | None" = None, attention: str = "dequantized",
+                 layer_configs: "dict[int, MixKVQConfig | None] | None" = None, attention: str = "packed",
                  backend: "str | Backend | None" = None) -> None:
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}; got {attention!r}")
@@ -249,7 +284,9 @@ class MixKVQCache(Cache):
             config = MixKVQConfig.load(config)
         self.mixkvq_config = config or MixKVQConfig()
         self.layer_configs = dict((int(i), c) for i, c in (layer_configs or {}).items())
-        self.backend = get_backend(backend or default_backend_name())  # fail now, not inside generate()
+        # an explicit backend must load now, not inside generate(); the default follows each
+        # layer's device (native 'cpu' on CPU when it builds, else 'torch')
+        self.backend = get_backend(backend) if backend is not None else None
         if model_config is not None:
             text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
             n = int(text.num_hidden_layers)
@@ -339,9 +376,9 @@ def mixkvq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             if layer.attention == "packed" and not layer.prefill:
                 # attend first, then observe: a block completed by these tokens waits for their
                 # queries, so they are still exact in the residual (as with "dequantized")
-                _require_causal_only(attention_mask, query.shape[2], layer.kv.seq_len)
+                mask = _padding_mask(attention_mask, query.shape[2], layer.kv.seq_len, module, kwargs)
                 scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-                out = layer.packed_attention(query, float(scaling))
+                out = layer.packed_attention(query, float(scaling), mask)
                 layer.observe(query)
                 return out, None
             layer.observe(query)
@@ -349,17 +386,30 @@ def mixkvq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _require_causal_only(mask: torch.Tensor | None, q_len: int, kv_len: int) -> None:
-    """Packed attention applies the causal rule itself; any other masking (padding) is refused."""
+def _padding_mask(mask: "torch.Tensor | None", q_len: int, kv_len: int, module: Any, kwargs: dict) -> "torch.Tensor | None":
+    """The transformers attention mask as what the packed cache takes: None when it is the
+    plain causal mask (the cache applies that itself), else bool ``(B, q_len, kv_len)``
+    (True = attend). Refuses what the packed path cannot honour (per-head masks, sliding
+    windows, attention sinks, soft-capping) instead of ignoring it."""
+    for name in ("sliding_window", "s_aux", "softcap"):
+        if kwargs.get(name) is not None or (name == "sliding_window" and getattr(module, "sliding_window", None)):
+            raise NotImplementedError(
+                f"MixKVQCache(attention='packed') does not implement {name!r} yet; "
+                "use MixKVQCache(attention='dequantized') for this model")
     if mask is None:
-        return
+        return None
     m = mask if mask.dtype == torch.bool else mask == 0  # additive float masks: 0 = attend
+    if m.dim() == 4:
+        if m.shape[1] != 1:
+            raise NotImplementedError("MixKVQCache(attention='packed') takes masks shared by all heads")
+        m = m[:, 0]
+    m = m[..., -q_len:, -kv_len:] if m.shape[-1] >= kv_len else m
+    if tuple(m.shape[-2:]) != (q_len, kv_len):
+        raise ValueError(f"attention mask has shape {tuple(mask.shape)}; expected (..., {q_len}, {kv_len})")
     causal = torch.arange(kv_len, device=m.device)[None, :] <= torch.arange(kv_len - q_len, kv_len, device=m.device)[:, None]
-    if m.shape[-2:] != causal.shape or not bool((m == causal).all()):
-        raise NotImplementedError(
-            "MixKVQCache(attention='packed') supports causal attention without padding masks; "
-            "use attention='dequantized' for padded batches"
-        )
+    if bool((m == causal).all()):
+        return None
+    return m.expand(m.shape[0] if m.dim() == 3 else 1, q_len, kv_len).contiguous()
 
 
 def register() -> None:

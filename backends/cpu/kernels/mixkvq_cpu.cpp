@@ -52,7 +52,14 @@ static inline void gather_f32(const void* x, int kind, i64 base, i64 stride, int
         for (int k = 0; k < n; ++k) buf[k] = __uint_as_float((unsigned)p[k * stride] << 16);
     } else {
         const u16* p = (const u16*)x + base;
-        for (int k = 0; k < n; ++k) buf[k] = mixkvq_f16_bits_to_f32(p[k * stride]);
+        int k = 0;
+#ifdef __F16C__
+        // float16 -> float32 is exact: the F16C instruction gives the software conversion's bits
+        if (stride == 1)
+            for (; k + 8 <= n; k += 8)
+                _mm256_storeu_ps(buf + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + k))));
+#endif
+        for (; k < n; ++k) buf[k] = mixkvq_f16_bits_to_f32(p[k * stride]);
     }
 }
 
@@ -125,6 +132,51 @@ static inline void unpack_row(const u8* in, int n, int bits, u8* codes) {
     }
 }
 
+// §2 round_meta(v) stored at element i (mixkvq_store_meta); for float16 the F16C
+// instruction with round-to-nearest-even (imm 0), which is the IEEE conversion the
+// software version computes, overflow to Inf and subnormals included.
+static inline float store_meta(void* base, i64 i, int kind, float v, bool* inf) {
+#ifdef __F16C__
+    if (kind == MIXKVQ_KIND_F16) {
+        u16 h = (u16)_cvtss_sh(v, 0);
+        ((u16*)base)[i] = h;
+        *inf = (h & 0x7FFFu) == 0x7C00u;
+        return _cvtsh_ss(h);
+    }
+#endif
+    return mixkvq_store_meta(base, i, kind, v, inf);
+}
+
+// Smallest and largest of m finite floats. Lane-wise accumulators so the loop vectorises;
+// min/max of finite values do not depend on the order, except which zero of -0/+0 is
+// kept, and §3 adds +0 to both results, which makes either zero +0.
+static inline void group_min_max(const float* p, int m, float* mn_out, float* mx_out) {
+    enum { LANES = 16 };
+    float mn = p[0], mx = p[0];
+    int i = 1;
+    if (m >= 2 * LANES) {
+        float a[LANES], b[LANES];
+        for (int k = 0; k < LANES; ++k) a[k] = b[k] = p[k];
+        for (i = LANES; i + LANES <= m; i += LANES)
+            for (int k = 0; k < LANES; ++k) {
+                float v = p[i + k];
+                a[k] = v < a[k] ? v : a[k];
+                b[k] = v > b[k] ? v : b[k];
+            }
+        for (int k = 0; k < LANES; ++k) {
+            mn = a[k] < mn ? a[k] : mn;
+            mx = b[k] > mx ? b[k] : mx;
+        }
+    }
+    for (; i < m; ++i) {
+        float v = p[i];
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+    }
+    *mn_out = mn;
+    *mx_out = mx;
+}
+
 // ---- §3 quantization of one row ---------------------------------------------------------------
 // x float32 (n) -> packed (row_bytes), scale/zero (ng) at element meta0 of buffers stored as
 // meta_kind. Returns 0, or the first bad group of this row as 1 + 2*j + (code - 1): code 1 a
@@ -138,18 +190,14 @@ static inline i64 quant_row(const float* x, int n, int G, int bits, int meta_kin
     for (int j = 0; j < ng; ++j) {
         const float* p = x + (i64)j * G;
         int m = n - j * G < G ? n - j * G : G;
-        float mn = p[0], mx = p[0];
-        for (int i = 1; i < m; ++i) {
-            float v = p[i];
-            mn = v < mn ? v : mn;
-            mx = v > mx ? v : mx;
-        }
+        float mn, mx;
+        group_min_max(p, m, &mn, &mx);
         mn = __fadd_rn(mn, 0.0f);  // -0 -> +0
         mx = __fadd_rn(mx, 0.0f);
         float scale32 = __fdiv_rn(__fsub_rn(mx, mn), L);
         bool inf_s, inf_z;
-        float s = mixkvq_store_meta(scale, meta0 + j, meta_kind, scale32, &inf_s);
-        float z = mixkvq_store_meta(zero, meta0 + j, meta_kind, mn, &inf_z);
+        float s = store_meta(scale, meta0 + j, meta_kind, scale32, &inf_s);
+        float z = store_meta(zero, meta0 + j, meta_kind, mn, &inf_z);
         float top = __fadd_rn(__fmul_rn(s, L), z);
         if (inf_s || inf_z) {
             if (first1 < 0) first1 = j;

@@ -99,12 +99,15 @@ class Backend(Protocol):
         of a width in ``(b, h, d)`` order. :class:`BackendBase` composes it from ``quantize``
         and ``encode_half``; a backend may do it in one call."""
 
-    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, mask: Any = None) -> Any:
+    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, mask: Any = None,
+                  window: "int | None" = None, softcap: "float | None" = None) -> Any:
         """softmax(q K^T * scale) V over a :class:`mixkvq.state.Storage` read with a
         :class:`mixkvq.layout.PackedLayout` -> float32 ``q.shape``. Query ``i`` of ``Tq`` sits
         at position ``T - Tq + i`` and, when causal, sees positions up to its own; ``mask``
-        (bool ``(B, Tq, T)``, True = may attend, the same for every head) removes more (padding).
-        A query row that sees no token returns zeros."""
+        (bool ``(B, Tq, T)``, True = may attend, the same for every head) removes more (padding);
+        ``window`` (sliding layers) hides positions ``<= own - window``; ``softcap`` replaces each
+        scaled score ``s`` by ``softcap * tanh(s / softcap)``. A query row that sees no token
+        returns zeros."""
 
 
 class BackendBase:

@@ -263,12 +263,15 @@ class KVCache:
         check_finite(q, "queries", backend)
 
     # -- output ----------------------------------------------------------------------------
-    def attention(self, q: Any, *, scale: float | None = None, causal: bool = True, mask: Any = None) -> Any:
+    def attention(self, q: Any, *, scale: float | None = None, causal: bool = True, mask: Any = None,
+                  window: "int | None" = None, softcap: "float | None" = None) -> Any:
         """``softmax(q K^T * scale) V`` over the whole cache. ``q (B, Hq, Tq, D)`` holds the
         last ``Tq`` tokens' queries (decode: ``Tq = 1``); returns float32 of q's shape.
 
         ``mask``: which cached positions each query may see, bool (or 0/1) ``(B, Tq, T)`` or
         ``(B, 1, Tq, T)`` (True = attend; e.g. left padding), applied on top of ``causal``.
+        ``window``: a sliding window (query at ``p`` sees positions ``> p - window``);
+        ``softcap``: scores become ``softcap * tanh(score / softcap)`` (Gemma 2).
         A query that sees no position returns zeros."""
         check_float_tensor(q, "q", ndim=4)
         state = self._state
@@ -289,8 +292,15 @@ class KVCache:
             raise ValueError(f"scale must be a positive finite number; got {scale!r}")
         if mask is not None:
             mask = _attention_mask(mask, (B, Tq, state.n_tokens), backend, like=q)
+        if window is not None and (isinstance(window, bool) or as_int(window) is None or as_int(window) < 1):
+            raise ValueError(f"window must be a positive number of tokens; got {window!r}")
+        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                    or not math.isfinite(softcap) or softcap <= 0):
+            raise ValueError(f"softcap must be a positive finite number; got {softcap!r}")
+        extra = {k: v for k, v in (("window", None if window is None else as_int(window)),
+                                   ("softcap", None if softcap is None else float(softcap))) if v is not None}
         out = backend.attention(backend.from_any(q), state.storage, PackedLayout(self.config, D),
-                                scale=float(scale), causal=causal, mask=mask)
+                                scale=float(scale), causal=causal, mask=mask, **extra)
         return convert_like(out, q, backend)
 
     def dequantized(self) -> tuple[Any, Any]:

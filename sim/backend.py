@@ -94,6 +94,7 @@ class NumpyBackend(BackendBase):
     def assign_threshold(self, salience_, tau_high, tau_mid, tier_bits):
         return salience.assign_threshold(salience_, tau_high, tau_mid, tier_bits)
 
-    def attention(self, q, storage, layout, *, scale, causal, mask=None):
+    def attention(self, q, storage, layout, *, scale, causal, mask=None, window=None, softcap=None):
         keys, values = layout.dequantized(self, storage)
-        return reference_attention(quant.to_float32(q), keys, values, scale=scale, causal=causal, mask=mask)
+        return reference_attention(quant.to_float32(q), keys, values, scale=scale, causal=causal, mask=mask,
+                                   window=window, softcap=softcap)

@@ -93,3 +93,17 @@ def test_gpu_tensors_and_bad_masks_are_refused_clearly(cpu):
         cache.attention(q[:, :, -1:], mask=torch.ones(2, 1, 40))
     with pytest.raises(ValueError, match="scale must be a positive finite"):
         cache.attention(q[:, :, -1:], scale=float("nan"))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("window,softcap", [(50, None), (1, None), (200, 20.0), (None, 5.0)])
+def test_sliding_window_and_softcap_match_the_reference(backend, window, softcap):
+    cfg = MixKVQConfig(group_size=16, residual_length=32)
+    cache, q = _stream(cfg, backend, T=300)
+    ref, _ = _stream(cfg, "numpy", T=300)
+    qq = q[:, :, -4:]
+    out = cache.attention(qq, window=window, softcap=softcap)
+    want = ref.attention(qq.numpy(), window=window, softcap=softcap)
+    assert np.abs(out.numpy() - want).max() < 3e-5
+    with pytest.raises(ValueError, match="window must be"):
+        cache.attention(qq, window=0)

@@ -41,7 +41,7 @@ _SIGNATURES = {
     "mkq_pack": [_P, _Q, _I, _I, _P, _I],
     "mkq_unpack": [_P, _Q, _I, _I, _P, _I],
     "mkq_encode_key_block": [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _I],
-    "mkq_attention": [_P, _I, _I, _I, _I, _I, _Q, _F, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _Q, _I, _P, _P,
+    "mkq_attention": [_P, _I, _I, _I, _I, _I, _Q, _F, _I, _P, _Q, _F, _I, _I, _I, _I, _I, _P, _P, _P, _I, _Q, _I, _P, _P,
                       _P, _I, _Q, _P, _I, _I],
 }
 _LIB: Any = None
@@ -238,9 +238,11 @@ class CpuBackend(TorchBackend):
         self._memo[key] = (weakref.ref(obj, lambda _, key=key: self._memo.pop(key, None)), first, table, held)
         return first, table
 
-    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, mask: Any = None) -> torch.Tensor:
+    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, mask: Any = None,
+                  window: "int | None" = None, softcap: "float | None" = None) -> torch.Tensor:
         """Fused decode attention straight from the packed storage (docs/cpu.md): q
-        ``(B, Hq, Tq, D)`` -> float32; ``mask`` bool ``(B, Tq, T)`` (True = may attend) or None."""
+        ``(B, Hq, Tq, D)`` -> float32; ``mask`` bool ``(B, Tq, T)`` (True = may attend) or None;
+        ``window``: sliding-window size; ``softcap``: score soft-capping."""
         cfg = layout.config
         q32 = to_float32(self.from_any(q)).contiguous()
         B, Hq, Tq, D = (int(s) for s in q32.shape)
@@ -292,7 +294,7 @@ class CpuBackend(TorchBackend):
             mask_ptr = m.data_ptr()
         out = torch.empty((B, Hq, Tq, D), dtype=torch.float32)
         self.lib.mkq_attention(q32.data_ptr(), B, H, Hq // H, Tq, D, T, float(scale), int(bool(causal)), mask_ptr,
-                               nkb, R, cfg.group_size, DTYPE_KIND[cfg.meta_dtype], DTYPE_KIND[cfg.high_dtype],
+                               int(window or 0), float(softcap or 0.0), nkb, R, cfg.group_size, DTYPE_KIND[cfg.meta_dtype], DTYPE_KIND[cfg.high_dtype],
                                tier_ptrs, kptr, rk_ptr, rk_kind, rk, nvc, vchunk.ctypes.data, vptr, rv_ptr, rv_kind,
                                rv, out.data_ptr(), self._threads(), 0)
         del keep

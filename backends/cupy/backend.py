@@ -307,13 +307,15 @@ class _KernelBackend(BackendBase):
                     keep=keep)
 
     def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, mask: Any = None,
-                  plan: dict | None = None) -> Any:
+                  window: "int | None" = None, softcap: "float | None" = None, plan: dict | None = None) -> Any:
         """Fused decode attention: q ``(B, Hq, Tq, D)`` -> float32 ``(B, Hq, Tq, D)``, reading the
         packed key blocks, packed values and the residual directly (flash-decoding splits).
         Padding masks are not in the CUDA kernel yet: ``mask`` raises NotImplementedError."""
-        if mask is not None:
-            raise NotImplementedError("the CUDA attention kernel takes no padding mask yet; use the 'cpu' or "
-                                      "'torch' backend, or MixKVQCache(attention='dequantized'), for padded batches")
+        for what, given in (("padding masks", mask is not None), ("sliding windows", bool(window)),
+                            ("soft-capping", bool(softcap))):
+            if given:
+                raise NotImplementedError(f"the CUDA attention kernel does not implement {what} yet; use the 'cpu' or "
+                                          "'torch' backend, or MixKVQCache(attention='dequantized')")
         xp, cfg = self.xp, layout.config
         q32 = self._f32(q)
         B, Hq, Tq, D = (int(s) for s in q32.shape)

@@ -246,7 +246,8 @@ class ValueReader:
 
 
 def attention(chunk_tokens: int, q: torch.Tensor, storage: Any, layout: Any, *, scale: float, causal: bool,
-              mask: "torch.Tensor | None" = None) -> torch.Tensor:
+              mask: "torch.Tensor | None" = None, window: "int | None" = None,
+              softcap: "float | None" = None) -> torch.Tensor:
     cfg = layout.config
     q32 = ops.to_float32(q)
     B, Hq, Tq, D = q32.shape
@@ -272,6 +273,11 @@ def attention(chunk_tokens: int, q: torch.Tensor, storage: Any, layout: Any, *, 
         nonlocal m, l, acc
         n = int(s.shape[-1])
         s.mul_(scale)
+        if softcap:
+            s = torch.tanh(s / softcap).mul_(softcap)
+        if window:
+            tok = torch.arange(start, start + n, device=device)
+            s.masked_fill_(tok[None, :] <= row_pos[:, None] - window, -math.inf)
         if masked:
             tok = torch.arange(start, start + n, device=device)
             s.masked_fill_(tok[None, :] > row_pos[:, None], -math.inf)

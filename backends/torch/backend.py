@@ -141,7 +141,7 @@ class TorchBackend(BackendBase):
 
     # -- attention ------------------------------------------------------------------------
     def attention(self, q: torch.Tensor, storage: Any, layout: Any, *, scale: float, causal: bool,
-                  mask: Any = None) -> torch.Tensor:
+                  mask: Any = None, window: "int | None" = None, softcap: "float | None" = None) -> torch.Tensor:
         """``softmax(q K^T * scale) V`` over a cache's storage -> float32 ``q.shape``.
 
         Scores and ``p @ V`` straight from the codes (scale/zero algebra, no dequantized
@@ -151,4 +151,5 @@ class TorchBackend(BackendBase):
         sits at position ``T - Tq + i`` and, when causal, sees positions up to its own.
         """
         return _fast_attention(self.attention_chunk_tokens, q, storage, layout, scale=scale, causal=causal,
-                               mask=None if mask is None else self.from_any(mask, like=q))
+                               mask=None if mask is None else self.from_any(mask, like=q), window=window,
+                               softcap=softcap)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -163,11 +164,13 @@ class MixKVQLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def packed_attention(self, query: torch.Tensor, scaling: float, mask: "torch.Tensor | None" = None) -> torch.Tensor:
+    def packed_attention(self, query: torch.Tensor, scaling: float, mask: "torch.Tensor | None" = None,
+                         window: "int | None" = None, softcap: "float | None" = None) -> torch.Tensor:
         """Causal attention of ``query (B, Hq, T, D)`` (the tokens appended last) over the packed
         cache — no dequantized history is formed; ``mask`` bool ``(B, T, kv_len)`` (True =
-        attend) adds padding. Returns ``(B, T, Hq, D)`` in the query's dtype."""
-        out = self.kv.attention(query.detach(), scale=scaling, causal=True, mask=mask)
+        attend) adds padding, ``window`` a sliding window, ``softcap`` score capping.
+        Returns ``(B, T, Hq, D)`` in the query's dtype."""
+        out = self.kv.attention(query.detach(), scale=scaling, causal=True, mask=mask, window=window, softcap=softcap)
         return out.to(query.dtype).transpose(1, 2).contiguous()
 
     def reset(self) -> None:
@@ -376,26 +379,43 @@ def mixkvq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             if layer.attention == "packed" and not layer.prefill:
                 # attend first, then observe: a block completed by these tokens waits for their
                 # queries, so they are still exact in the residual (as with "dequantized")
-                mask = _padding_mask(attention_mask, query.shape[2], layer.kv.seq_len, module, kwargs)
+                window, softcap = _window_and_softcap(module, kwargs)
+                mask = _padding_mask(attention_mask, query.shape[2], layer.kv.seq_len, window)
                 scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-                out = layer.packed_attention(query, float(scaling), mask)
+                out = layer.packed_attention(query, float(scaling), mask, window, softcap)
                 layer.observe(query)
                 return out, None
             layer.observe(query)
     # (a packed-mode prefill attends only to its own exact tokens: plain SDPA on them)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is None:
+            raise NotImplementedError(f"{type(module).__name__} asks for soft-capping or sinks, which SDPA lacks, and its "
+                                      "module has no eager_attention_forward to fall back on")
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # our masks are SDPA-style booleans;
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                ~attention_mask, torch.finfo(query.dtype).min)  # eager paths add a float mask
+        return eager(module, query, key, value, attention_mask, **kwargs)  # the model's own reference path
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _padding_mask(mask: "torch.Tensor | None", q_len: int, kv_len: int, module: Any, kwargs: dict) -> "torch.Tensor | None":
-    """The transformers attention mask as what the packed cache takes: None when it is the
-    plain causal mask (the cache applies that itself), else bool ``(B, q_len, kv_len)``
-    (True = attend). Refuses what the packed path cannot honour (per-head masks, sliding
-    windows, attention sinks, soft-capping) instead of ignoring it."""
-    for name in ("sliding_window", "s_aux", "softcap"):
-        if kwargs.get(name) is not None or (name == "sliding_window" and getattr(module, "sliding_window", None)):
-            raise NotImplementedError(
-                f"MixKVQCache(attention='packed') does not implement {name!r} yet; "
-                "use MixKVQCache(attention='dequantized') for this model")
+def _window_and_softcap(module: Any, kwargs: dict) -> "tuple[int | None, float | None]":
+    """The sliding window and logit soft-capping the model's attention layer asks for (what
+    transformers passes its attention functions); refuses what the packed path cannot do
+    (attention sinks) instead of ignoring it."""
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(
+            "MixKVQCache(attention='packed') does not implement attention sinks ('s_aux') yet; "
+            "use MixKVQCache(attention='dequantized') for this model")
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    softcap = kwargs.get("softcap", getattr(module, "attn_logit_softcapping", None))
+    return (int(window) if window else None), (float(softcap) if softcap else None)
+
+
+def _padding_mask(mask: "torch.Tensor | None", q_len: int, kv_len: int, window: "int | None" = None) -> "torch.Tensor | None":
+    """The transformers attention mask as what the packed cache takes: None when it is just
+    the causal (and sliding-window) rule, which the cache applies itself, else bool
+    ``(B, q_len, kv_len)`` (True = attend). Per-head masks are refused."""
     if mask is None:
         return None
     m = mask if mask.dtype == torch.bool else mask == 0  # additive float masks: 0 = attend
@@ -406,8 +426,12 @@ def _padding_mask(mask: "torch.Tensor | None", q_len: int, kv_len: int, module: 
     m = m[..., -q_len:, -kv_len:] if m.shape[-1] >= kv_len else m
     if tuple(m.shape[-2:]) != (q_len, kv_len):
         raise ValueError(f"attention mask has shape {tuple(mask.shape)}; expected (..., {q_len}, {kv_len})")
-    causal = torch.arange(kv_len, device=m.device)[None, :] <= torch.arange(kv_len - q_len, kv_len, device=m.device)[:, None]
-    if bool((m == causal).all()):
+    kv = torch.arange(kv_len, device=m.device)[None, :]
+    pos = torch.arange(kv_len - q_len, kv_len, device=m.device)[:, None]
+    rule = kv <= pos
+    if window:
+        rule = rule & (kv > pos - window)
+    if bool((m == rule).all()):
         return None
     return m.expand(m.shape[0] if m.dim() == 3 else 1, q_len, kv_len).contiguous()
 

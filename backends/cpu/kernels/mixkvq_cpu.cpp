@@ -432,6 +432,8 @@ struct AttnArgs {
     float scale;
     int causal;
     const u8* mask;  // (B, Tq, T), 1 = may attend; null: none
+    i64 window;      // > 0: query at p sees only positions > p - window (sliding layers)
+    float softcap;   // > 0: scores become softcap * tanh(score / softcap) (Gemma 2)
     int nkb, R, G, meta_kind, high_kind;
     const u8* const* tier_maps;      // nkb x (B, H, D)
     const void* const* kptr;         // nkb x TIER_SLOTS x 3
@@ -464,6 +466,12 @@ void attend_range(const AttnArgs& a, const int* row_index, i64 bh, i64 t0, i64 t
         for (int d = 0; d < D; ++d) Q[(size_t)r * D + d] = src[d];
     }
     for (size_t i = 0; i < (size_t)NR * D; ++i) acc[i] = 0.0f;
+    // a sliding window hides every token before the earliest query's window: skip them
+    if (a.window > 0) {
+        i64 first = a.T - a.Tq - a.window + 1;
+        i64 skip = first <= nq ? (first > 0 ? first / R * R : 0) : nq + (first - nq) / SEG * SEG;
+        if (skip > t0) t0 = skip < t1 ? skip : t1;
+    }
     int chunk = 0;  // value chunk cursor (chunks are in token order)
     while (chunk + 1 < a.nvc && a.vchunk[3 * (chunk + 1)] <= t0) ++chunk;
 
@@ -525,7 +533,8 @@ void attend_range(const AttnArgs& a, const int* row_index, i64 bh, i64 t0, i64 t
             float mx = NEG_INF;
             for (int t = 0; t < n; ++t) {
                 float s = __fmul_rn(Sr[t], a.scale);
-                bool off = (a.causal && s0 + t > pos) || (mk && !mk[t]);
+                if (a.softcap > 0.0f) s = __fmul_rn(a.softcap, tanhf(__fdiv_rn(s, a.softcap)));
+                bool off = (a.causal && s0 + t > pos) || (mk && !mk[t]) || (a.window > 0 && s0 + t <= pos - a.window);
                 s = off ? NEG_INF : s;
                 Sr[t] = s;
                 mx = s > mx ? s : mx;
@@ -600,13 +609,14 @@ extern "C" {
 // q float32 (B, Hq, Tq, D); key blocks: tier_maps[j] (B, H, D), kptr[j][w][0..2] the packed
 // rows / scale / zero of width w (null where absent); value chunks vchunk[c] = (start, n,
 // bits), vptr[c][0..2]; residual keys/values (B, H, rk|rv, D) of their kinds. Query i of
-// Tq sits at position T - Tq + i. A query row that sees no token gets zeros.
+// Tq sits at position T - Tq + i; window > 0 hides positions <= its position - window;
+// softcap > 0 caps the scaled scores. A query row that sees no token gets zeros.
 void mkq_attention(const float* q, int B, int H, int n_rep, int Tq, int D, i64 T, float scale, int causal,
-                   const u8* mask, int nkb, int R, int G, int meta_kind, int high_kind, const u8* const* tier_maps,
+                   const u8* mask, i64 window, float softcap, int nkb, int R, int G, int meta_kind, int high_kind, const u8* const* tier_maps,
                    const void* const* kptr, const void* res_k, int res_k_kind, i64 rk, int nvc, const i64* vchunk,
                    const void* const* vptr, const void* res_v, int res_v_kind, i64 rv, float* out, int n_threads,
                    int split_blocks) {
-    AttnArgs a{q, B, H, n_rep, Tq, D, T, scale, causal, mask, nkb, R, G, meta_kind, high_kind, tier_maps, kptr,
+    AttnArgs a{q, B, H, n_rep, Tq, D, T, scale, causal, mask, window, softcap, nkb, R, G, meta_kind, high_kind, tier_maps, kptr,
                res_k, res_k_kind, rk, nvc, vchunk, vptr, res_v, res_v_kind, rv};
     const i64 BH = (i64)B * H, BHD = BH * D;
     const int NR = n_rep * Tq;

@@ -199,6 +199,29 @@ class KVCache:
             if B is not None:  # an empty cache holds no rows to select: nothing to do
                 self._state = st.select_batch(state, idx, self.backend)
 
+    @property
+    def n_freed(self) -> int:
+        """Oldest tokens no longer held (freed by :meth:`free_before`); positions stay absolute."""
+        return self._state.storage.freed
+
+    @property
+    def n_held(self) -> int:
+        """Tokens actually stored: ``seq_len - n_freed`` (what :meth:`attention` reads)."""
+        return self._state.n_tokens - self._state.storage.freed
+
+    def free_before(self, position: int) -> int:
+        """Free the quantized blocks that lie wholly before ``position`` (a sliding-window
+        layer never reads them again); returns the tokens freed now. Whole blocks only, so
+        nothing is re-quantized; ``seq_len`` and positions are unchanged, ``attention`` reads
+        the ``n_held`` newest tokens, and a ``crop`` into the freed part is refused."""
+        p = as_int(position)
+        if p is None:
+            raise TypeError(f"free_before needs an integer position; got {position!r}")
+        with self._lock:
+            before = self._state.storage.freed
+            self._state = st.free_before(self._state, p, self.config.residual_length, self.backend)
+            return self._state.storage.freed - before
+
     def crop(self, n_tokens: int) -> None:
         """Keep the first ``n_tokens`` tokens (negative: drop ``-n_tokens``), in place. Cuts
         inside a quantized block are refused (they would need re-quantization); the query
@@ -268,7 +291,7 @@ class KVCache:
         """``softmax(q K^T * scale) V`` over the whole cache. ``q (B, Hq, Tq, D)`` holds the
         last ``Tq`` tokens' queries (decode: ``Tq = 1``); returns float32 of q's shape.
 
-        ``mask``: which cached positions each query may see, bool (or 0/1) ``(B, Tq, T)`` or
+        ``mask``: which held positions (``T = n_held``) each query may see, bool (or 0/1) ``(B, Tq, T)`` or
         ``(B, 1, Tq, T)`` (True = attend; e.g. left padding), applied on top of ``causal``.
         ``window``: a sliding window (query at ``p`` sees positions ``> p - window``);
         ``softcap``: scores become ``softcap * tanh(score / softcap)`` (Gemma 2).
@@ -282,8 +305,9 @@ class KVCache:
         if B != g.batch or D != g.head_dim or Hq % g.heads or Hq == 0:
             raise ValueError(f"q has shape {tuple(q.shape)}; the cache holds batch {g.batch}, {g.heads} KV heads "
                              f"(q heads must be a multiple), head_dim {g.head_dim}")
-        if Tq > state.n_tokens:
-            raise ValueError(f"q covers {Tq} tokens but the cache holds only {state.n_tokens}")
+        held = state.n_tokens - state.storage.freed
+        if Tq > held:
+            raise ValueError(f"q covers {Tq} tokens but the cache holds only {held}")
         backend = self.backend
         check_finite(q, "q", backend)
         if scale is None:
@@ -291,7 +315,7 @@ class KVCache:
         elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a positive finite number; got {scale!r}")
         if mask is not None:
-            mask = _attention_mask(mask, (B, Tq, state.n_tokens), backend, like=q)
+            mask = _attention_mask(mask, (B, Tq, held), backend, like=q)
         if window is not None and (isinstance(window, bool) or as_int(window) is None or as_int(window) < 1):
             raise ValueError(f"window must be a positive number of tokens; got {window!r}")
         if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
@@ -344,7 +368,7 @@ class KVCache:
     def n_elements(self) -> int:
         """K and V elements represented: ``2 * B * H * T * D``."""
         g = self._state.geometry
-        return 0 if g is None else 2 * g.batch * g.heads * self.seq_len * g.head_dim
+        return 0 if g is None else 2 * g.batch * g.heads * self.n_held * g.head_dim
 
     @property
     def quantized_nbytes(self) -> int:
@@ -357,7 +381,7 @@ class KVCache:
     def n_quantized_elements(self) -> int:
         """K and V elements held in quantized storage (keys and values may flush apart)."""
         g, s = self._state.geometry, self._state.storage
-        return 0 if g is None else g.batch * g.heads * g.head_dim * (s.n_key_quantized + s.n_value_quantized)
+        return 0 if g is None else g.batch * g.heads * g.head_dim * (s.n_key_quantized + s.n_value_quantized - 2 * s.freed)
 
     @property
     def bits_per_element(self) -> float:

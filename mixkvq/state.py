@@ -58,14 +58,17 @@ class Storage:
     value_rows: tuple[ValueRows, ...] = ()
     residual_keys: Any = None
     residual_values: Any = None
+    #: oldest tokens no longer held (whole blocks freed outside a sliding window; see
+    #: :func:`free_before`). They count as quantized, so positions stay absolute.
+    freed: int = 0
 
     @property
     def n_key_quantized(self) -> int:
-        return sum(b.n_tokens for b in self.key_blocks)
+        return self.freed + sum(b.n_tokens for b in self.key_blocks)
 
     @property
     def n_value_quantized(self) -> int:
-        return sum(r.n_tokens for r in self.value_rows)
+        return self.freed + sum(r.n_tokens for r in self.value_rows)
 
     def arrays(self) -> Iterator[Any]:
         for block in self.key_blocks:
@@ -196,7 +199,7 @@ def flush(state: CacheState, config: "MixKVQConfig", backend: "Backend") -> Cach
         return state
     storage = Storage(tuple(blocks), tuple(chunks),
                       _own(backend, res_k) if len(blocks) != len(s.key_blocks) else res_k,
-                      _own(backend, res_v) if len(chunks) != len(s.value_rows) else res_v)
+                      _own(backend, res_v) if len(chunks) != len(s.value_rows) else res_v, s.freed)
     return replace(state, storage=storage, stats=replace(stats, snapshots=snapshots))
 
 
@@ -222,10 +225,34 @@ def select_batch(state: CacheState, idx: np.ndarray, backend: "Backend") -> Cach
     storage = Storage(
         tuple(_select_block(b, idx, backend) for b in s.key_blocks),
         tuple(ValueRows(*(_take(backend, a, idx) for a in (r.packed, r.scale, r.zero)), r.bits) for r in s.value_rows),
-        _take(backend, s.residual_keys, idx), _take(backend, s.residual_values, idx))
+        _take(backend, s.residual_keys, idx), _take(backend, s.residual_values, idx), s.freed)
     stats = replace(q, qsum=_take(backend, q.qsum, idx),
                     snapshots={m: (_take(backend, snap, idx), c) for m, (snap, c) in q.snapshots.items()})
     return replace(state, storage=storage, stats=stats, geometry=replace(state.geometry, batch=int(idx.size)))
+
+
+def free_before(state: CacheState, position: int, residual_length: int, backend: "Backend") -> CacheState:
+    """Drop the quantized key blocks that lie wholly before ``position`` — what a
+    sliding-window layer never reads again — and the value rows of the same tokens (a value
+    chunk that straddles the boundary keeps its later rows: values are quantized per token, so
+    the kept rows' bytes do not change). Positions stay absolute (``Storage.freed``)."""
+    s = state.storage
+    R = residual_length
+    n_blocks = max(0, min(len(s.key_blocks), (position - s.freed) // R))
+    target = n_blocks * R
+    if not n_blocks or s.n_value_quantized - s.freed < target:
+        return state
+    chunks, acc = [], 0
+    for r in s.value_rows:
+        if acc + r.n_tokens <= target:
+            acc += r.n_tokens
+            continue
+        cut = max(0, target - acc)
+        chunks.append(r if cut == 0 else
+                      ValueRows(*(_own(backend, a[:, :, cut:]) for a in (r.packed, r.scale, r.zero)), r.bits))
+        acc += r.n_tokens
+    storage = replace(s, key_blocks=s.key_blocks[n_blocks:], value_rows=tuple(chunks), freed=s.freed + target)
+    return replace(state, storage=storage)
 
 
 def crop(state: CacheState, keep: int, residual_length: int, backend: "Backend") -> CacheState:
@@ -236,18 +263,21 @@ def crop(state: CacheState, keep: int, residual_length: int, backend: "Backend")
     R = residual_length
     s = state.storage
     nq = s.n_key_quantized
+    if keep < s.freed:
+        raise ValueError(f"crop to {keep} tokens reaches tokens this sliding-window cache already freed "
+                         f"(it holds positions {s.freed}..{state.n_tokens - 1})")
     if keep < nq:
         if keep % R:
             raise ValueError(
                 f"crop to {keep} tokens would cut quantized block {keep // R} (tokens {keep // R * R}..{keep // R * R + R - 1}) "
                 f"in two and re-quantize it; crop to a block boundary (a multiple of residual_length={R}) or to at least "
                 f"{nq} tokens (the quantized prefix)")
-        blocks, res_k = s.key_blocks[: keep // R], s.residual_keys[:, :, :0]
+        blocks, res_k = s.key_blocks[: (keep - s.freed) // R], s.residual_keys[:, :, :0]
     else:
         blocks, res_k = s.key_blocks, s.residual_keys[:, :, : keep - nq]
     nv = s.n_value_quantized
     if keep < nv:
-        chunks, acc = [], 0
+        chunks, acc = [], s.freed
         for r in s.value_rows:
             if acc >= keep:
                 break
@@ -258,7 +288,7 @@ def crop(state: CacheState, keep: int, residual_length: int, backend: "Backend")
         res_v = s.residual_values[:, :, :0]
     else:
         chunks, res_v = list(s.value_rows), s.residual_values[:, :, : keep - nv]
-    storage = Storage(tuple(blocks), tuple(chunks), _own(backend, res_k), _own(backend, res_v))
+    storage = Storage(tuple(blocks), tuple(chunks), _own(backend, res_k), _own(backend, res_v), s.freed)
     q = state.stats
     stats = replace(q, position=min(q.position, keep), snapshots={m: v for m, v in q.snapshots.items() if m <= keep})
     return replace(state, storage=storage, stats=stats, n_tokens=keep)
@@ -269,6 +299,9 @@ def to_arrays(state: CacheState) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(header, arrays)``: the counters and structure as JSON-ready data, and every stored
     array by member name (backend arrays; the caller converts them)."""
     g, s, q = state.geometry, state.storage, state.stats
+    if s.freed:
+        raise StateError(f"this sliding-window cache freed its first {s.freed} tokens; the file format stores whole "
+                         "caches only, so it cannot be saved")
     arrays: dict[str, Any] = {}
     blocks = []
     for i, blk in enumerate(s.key_blocks):

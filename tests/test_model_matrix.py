@@ -13,6 +13,11 @@ transformers = pytest.importorskip("transformers")
 
 from mixkvq import MixKVQConfig  # noqa: E402
 from mixkvq.integrations.transformers import MixKVQCache, enable  # noqa: E402
+from mixkvq.integrations.transformers import cache_argument  # noqa: E402
+
+#: the keyword this transformers version takes a cache by (``cache`` in newer 5.x)
+ARG = "cache" if "cache" in __import__("inspect").signature(
+    __import__("transformers").LlamaForCausalLM.forward).parameters else "past_key_values"
 
 VOCAB = 128
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, max_position_embeddings=512,
@@ -55,7 +60,7 @@ def _gen(model, cache, ids, mask=None, **kw):
         warnings.simplefilter("ignore")
         with torch.inference_mode():
             return model.generate(input_ids=ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
-                                  past_key_values=cache, pad_token_id=0, **kw)
+                                  **{ARG: cache}, pad_token_id=0, **kw)
 
 
 def _prompt(n=40, batch=1, seed=1):
@@ -105,3 +110,23 @@ def test_padded_batch_beam_search_and_sampling_run_in_the_default_mode(model):
     out = _gen(model, MixKVQCache(QUANT, model_config=model.config), ids, mask, max_new_tokens=6, do_sample=True,
                num_return_sequences=2)
     assert out.shape == (4, 36)
+
+
+def test_sliding_layers_free_what_falls_out_of_their_window(model):
+    text = model.config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None) or (
+        ["sliding_attention"] * text.num_hidden_layers if getattr(text, "sliding_window", None) else [])
+    if "sliding_attention" not in types:
+        pytest.skip("no sliding layers in this model")
+    window = text.sliding_window
+    cache = MixKVQCache(QUANT, model_config=model.config)
+    ids = _prompt(40)
+    _gen(model, cache, ids, max_new_tokens=60, do_sample=False)
+    R = QUANT.residual_length
+    for i, kind in enumerate(types):
+        layer = cache.layers[i]
+        assert layer.is_sliding == (kind == "sliding_attention")
+        if layer.is_sliding:
+            assert layer.kv.n_freed > 0 and layer.kv.n_held <= window + 2 * R
+        else:
+            assert layer.kv.n_freed == 0 and layer.kv.n_held == layer.kv.seq_len

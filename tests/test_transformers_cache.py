@@ -12,6 +12,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from mixkvq import MixKVQConfig  # noqa: E402
+from mixkvq.integrations.transformers import cache_argument  # noqa: E402
+
+#: the keyword this transformers version takes a cache by (``cache`` in newer 5.x)
+ARG = "cache" if "cache" in __import__("inspect").signature(
+    __import__("transformers").LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +33,7 @@ def _cache(model, **cfg):
 def _gen(model, enc, cache, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return model.generate(**enc, past_key_values=cache, pad_token_id=0, **kw)
+        return model.generate(**enc, **{ARG: cache}, pad_token_id=0, **kw)
 
 
 def _batch(tok):
@@ -64,7 +69,7 @@ def test_quantization_engages_past_residual(hf):
     before = [bytes(torch.as_tensor(a).numpy().tobytes()) if hasattr(a, "numpy") else a.tobytes()
               for a in cache.kv_caches[0].key_blocks[0].arrays()]
     with torch.no_grad():
-        model(input_ids=out[:, -1:], past_key_values=cache, attention_mask=torch.ones(out.shape[0], T + 1, dtype=torch.long))
+        model(input_ids=out[:, -1:], **{ARG: cache}, attention_mask=torch.ones(out.shape[0], T + 1, dtype=torch.long))
     after = [bytes(torch.as_tensor(a).numpy().tobytes()) if hasattr(a, "numpy") else a.tobytes()
              for a in cache.kv_caches[0].key_blocks[0].arrays()]
     assert before == after
@@ -92,9 +97,9 @@ def test_reorder_and_crop_match_a_fresh_cache(hf):
     ext = torch.randint(5, 1000, (2, 70))
     with torch.no_grad():
         full = MixKVQCache(cfg, model_config=model.config)
-        model(input_ids=ext, past_key_values=full)
+        model(input_ids=ext, **{ARG: full})
         single = MixKVQCache(cfg, model_config=model.config)
-        model(input_ids=ext[1:], past_key_values=single)
+        model(input_ids=ext[1:], **{ARG: single})
     full.reorder_cache(torch.tensor([1]))
     a, b = full.kv_caches[5], single.kv_caches[5]
     assert a.n_quantized == b.n_quantized == 64
@@ -109,7 +114,7 @@ def test_reorder_and_crop_match_a_fresh_cache(hf):
         full.crop(-5)
     # after a crop the cache keeps working
     with torch.no_grad():
-        out = model(input_ids=ext[1:, 32:40], past_key_values=full)
+        out = model(input_ids=ext[1:, 32:40], **{ARG: full})
     assert torch.isfinite(out.logits).all() and full.get_seq_length() == 40
 
 
@@ -122,9 +127,9 @@ def test_query_aware_needs_the_attention_function(hf):
         cache = MixKVQCache(MixKVQConfig(residual_length=32), model_config=model.config)
         ids = tok("Hello world, this is a test", return_tensors="pt").input_ids
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache)
+            model(input_ids=ids, **{ARG: cache})
             with pytest.raises(RuntimeError, match="mixkvq"):
-                model(input_ids=ids[:, -1:], past_key_values=cache)
+                model(input_ids=ids[:, -1:], **{ARG: cache})
     finally:
         model.set_attn_implementation("mixkvq")
 
@@ -157,13 +162,13 @@ def test_packed_attention_matches_the_dequantized_path_without_forming_the_histo
     deq = MixKVQCache(cfg, model_config=model.config, backend="torch")
     packed = MixKVQCache(cfg, model_config=model.config, attention="packed", backend="torch")
     with torch.no_grad():
-        a = model(**enc, past_key_values=deq).logits[:, -1]
-        b = model(**enc, past_key_values=packed).logits[:, -1]
+        a = model(**enc, **{ARG: deq}).logits[:, -1]
+        b = model(**enc, **{ARG: packed}).logits[:, -1]
         assert packed.kv_caches[0].n_quantized > 0
         nxt = a.argmax(-1, keepdim=True)
         mask = torch.ones(1, enc["input_ids"].shape[1] + 1, dtype=torch.long)
-        a2 = model(input_ids=nxt, attention_mask=mask, past_key_values=deq).logits[:, -1]
-        b2 = model(input_ids=nxt, attention_mask=mask, past_key_values=packed).logits[:, -1]
+        a2 = model(input_ids=nxt, attention_mask=mask, **{ARG: deq}).logits[:, -1]
+        b2 = model(input_ids=nxt, attention_mask=mask, **{ARG: packed}).logits[:, -1]
     assert torch.allclose(a, b, atol=2e-3, rtol=1e-3) and torch.allclose(a2, b2, atol=2e-3, rtol=1e-3)
     assert all(layer._memo_k is None for layer in packed.layers)
     got = _gen(model, enc, MixKVQCache(cfg, model_config=model.config, attention="packed"), max_new_tokens=8, do_sample=False)

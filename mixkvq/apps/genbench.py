@@ -62,6 +62,7 @@ def worker(cache_kind: str, context: int, new: int, threads: int) -> dict[str, A
 
     from mixkvq import MixKVQConfig
     from mixkvq.apps.data import load_documents, load_model, token_stream
+    from mixkvq.integrations.transformers import cache_argument
 
     torch.set_num_threads(threads)
     model, tok, _ = load_model()
@@ -99,7 +100,7 @@ def worker(cache_kind: str, context: int, new: int, threads: int) -> dict[str, A
     peak_ok = _reset_peak()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_argument(model): cache},
                              max_new_tokens=new, min_new_tokens=new, do_sample=False,
                              logits_processor=LogitsProcessorList([Stamp()]), pad_token_id=tok.eos_token_id)
     peak_kib = _status_kib("VmHWM")

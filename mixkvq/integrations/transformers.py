@@ -100,8 +100,12 @@ class MixKVQLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, config: MixKVQConfig | None = None, *, attention: str = "packed",
-                 backend: "str | Backend | None" = None) -> None:
+                 backend: "str | Backend | None" = None, sliding_window: "int | None" = None) -> None:
         super().__init__()
+        #: a sliding-window layer (the model's layer type): in the packed mode it frees the
+        #: quantized blocks that fall wholly out of its window, bounding its memory
+        self.sliding_window = int(sliding_window) if sliding_window else None
+        self.is_sliding = self.sliding_window is not None
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}; got {attention!r}")
         self.attention = attention
@@ -146,6 +150,9 @@ class MixKVQLayer(CacheLayerMixin):
             # the queries of these tokens arrive moments later, in the attention function
             warnings.filterwarnings("ignore", message=r".*tokens wait in the residual", category=UserWarning)
             self.kv.append(key_states.detach(), value_states.detach())
+        if self.sliding_window and self.attention == "packed":
+            # the queries of these tokens (and every later one) see positions > own - window only
+            self.kv.free_before(self.kv.seq_len - int(key_states.shape[2]) - self.sliding_window + 1)
         if past_k is None:
             return key_states, value_states
         return torch.cat([past_k, key_states], dim=-2), torch.cat([past_v, value_states], dim=-2)
@@ -290,8 +297,10 @@ class MixKVQCache(Cache):
         # an explicit backend must load now, not inside generate(); the default follows each
         # layer's device (native 'cpu' on CPU when it builds, else 'torch')
         self.backend = get_backend(backend) if backend is not None else None
+        self._model_text_config = None
         if model_config is not None:
             text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+            self._model_text_config = text
             n = int(text.num_hidden_layers)
             super().__init__(layers=[self._make_layer(i) for i in range(n)])
         else:
@@ -302,7 +311,23 @@ class MixKVQCache(Cache):
 
     def _make_layer(self, i: int) -> CacheLayerMixin:
         cfg = self._layer_config(i)
-        return DynamicLayer() if cfg is None else MixKVQLayer(cfg, attention=self.attention, backend=self.backend)
+        if cfg is None:
+            return DynamicLayer()
+        return MixKVQLayer(cfg, attention=self.attention, backend=self.backend, sliding_window=self._window_of(i))
+
+    def _window_of(self, i: int) -> "int | None":
+        """The sliding window of layer ``i`` by the model's ``layer_types`` (None: full attention)."""
+        text = self._model_text_config
+        types = getattr(text, "layer_types", None) if text is not None else None
+        if types and i < len(types) and types[i] == "sliding_attention":
+            return getattr(text, "sliding_window", None)
+        if types and i < len(types) and types[i] not in ("full_attention", "sliding_attention"):
+            raise NotImplementedError(f"layer {i} is a {types[i]!r} layer, which MixKVQCache cannot serve; "
+                                      "give it layer_configs={%d: None} to keep it in full precision" % i)
+        if not types and text is not None and getattr(text, "sliding_window", None) and \
+                getattr(text, "use_sliding_window", True) is not False:
+            return int(text.sliding_window)  # Mistral-style: every layer slides
+        return None
 
     def _next_layer(self) -> CacheLayerMixin:
         return self._make_layer(len(self.layers))
@@ -380,7 +405,7 @@ def mixkvq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                 # attend first, then observe: a block completed by these tokens waits for their
                 # queries, so they are still exact in the residual (as with "dequantized")
                 window, softcap = _window_and_softcap(module, kwargs)
-                mask = _padding_mask(attention_mask, query.shape[2], layer.kv.seq_len, window)
+                mask = _padding_mask(attention_mask, query.shape[2], layer.kv.n_held, window)
                 scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
                 out = layer.packed_attention(query, float(scaling), mask, window, softcap)
                 layer.observe(query)
@@ -436,6 +461,20 @@ def _padding_mask(mask: "torch.Tensor | None", q_len: int, kv_len: int, window: 
     return m.expand(m.shape[0] if m.dim() == 3 else 1, q_len, kv_len).contiguous()
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword the installed transformers takes a cache by: ``"cache"`` where the model's
+    ``forward`` has it (newer 5.x, where ``past_key_values`` is deprecated), else
+    ``"past_key_values"``. ``model.generate(**{cache_argument(model): cache}, ...)`` works on
+    every version the project supports."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def register() -> None:
     """Register the ``"mixkvq"`` attention function (and its SDPA-style mask) with transformers."""
     from transformers import AttentionInterface
@@ -452,5 +491,5 @@ def enable(model: Any) -> Any:
     return model
 
 
-__all__ = ["MixKVQCache", "MixKVQLayer", "mixkvq_attention_forward", "register", "enable",
+__all__ = ["MixKVQCache", "MixKVQLayer", "mixkvq_attention_forward", "register", "enable", "cache_argument",
            "default_backend_name", "ATTN_IMPLEMENTATION"]

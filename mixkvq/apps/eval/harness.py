@@ -26,7 +26,6 @@ Protocol (per method, same samples, same run):
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 import warnings
@@ -38,6 +37,8 @@ import torch
 
 from mixkvq.cache import KVCache
 from mixkvq.config import MixKVQConfig
+from mixkvq.integrations.transformers import cache_argument
+
 from .methods import Method, MethodUnavailable, build_cache, cache_stats
 
 CAPTURE_IMPLEMENTATION = "mixkvq_capture"
@@ -105,11 +106,6 @@ class MethodResult:
         return d
 
 
-def _cache_kw(model: Any) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def make_samples(tokenizer: Any, docs: list[str], settings: EvalSettings) -> list[torch.Tensor]:
     """``n_samples`` token sequences of ``context_len + score_len`` ids, from consecutive
     documents (EOS-separated), each sample starting at a fresh document."""
@@ -143,7 +139,7 @@ def stream(model: Any, cache: Any, ids: torch.Tensor, context_len: int, *,
     with which a cache sees exactly what it sees token by token. Returns (log-probs ``(S, V)``
     of the predictions for tokens ``context_len..``, the target ids ``(S,)``, decode step
     times in seconds; empty when chunked)."""
-    out = model(input_ids=ids[:, :context_len], use_cache=True, **{_cache_kw(model): cache})
+    out = model(input_ids=ids[:, :context_len], use_cache=True, **{cache_argument(model): cache})
     first = torch.log_softmax(out.logits[0, -1].float(), -1)
     rest, times = continue_stream(model, cache, ids, context_len, chunk_period=chunk_period)
     return torch.cat([first[None], rest]), ids[0, context_len:], times
@@ -155,7 +151,7 @@ def continue_stream(model: Any, cache: Any, ids: torch.Tensor, start: int, *,
     """Feed ``ids[:, start:-1]`` to a cache that already holds ``ids[:, :start]`` (chunked as in
     :func:`stream`); returns the log-probs ``(T - 1 - start, V)`` of the predictions for tokens
     ``start + 1..`` and the step times (token by token only)."""
-    kw = _cache_kw(model)
+    kw = cache_argument(model)
     T = ids.shape[1]
     logps: list[torch.Tensor] = []
     times = []
@@ -343,7 +339,7 @@ def evaluate(model: Any, tokenizer: Any, docs: list[str], methods: list[Method],
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = model.generate(input_ids=gen_prompt, attention_mask=torch.ones_like(gen_prompt),
-                                     max_new_tokens=settings.gen_tokens, do_sample=False, past_key_values=cache,
+                                     max_new_tokens=settings.gen_tokens, do_sample=False, **{cache_argument(model): cache},
                                      pad_token_id=tokenizer.pad_token_id)
             res.continuation = tokenizer.decode(out[0, gen_prompt.shape[1]:], skip_special_tokens=True)
         log(f"[{method.name}] ppl {res.ppl:.3f}  KL {res.kl:.4f}  top1 {res.top1:.3f}  bits/elem {res.bits_per_element:.2f}  "

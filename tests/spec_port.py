@@ -218,6 +218,11 @@ def quantize_group(xs, b: int, meta: MetaDtype, what: str = "tensor", where=()) 
         raise ValueError(
             f"{what}: group {where} overflows {meta.name} metadata; "
             "use meta_dtype='float32' or 'bfloat16'")
+    # §3 step 4: the largest dequantized value must be finite
+    with np.errstate(over="ignore"):
+        top = F32(F32(F32(L) * s) + z)
+    if not is_finite32(top):
+        raise ValueError(f"{what}: group {where} would dequantize beyond float32's range")
     # 5. codes
     codes = []
     for x in xs:
@@ -233,6 +238,26 @@ def quantize_group(xs, b: int, meta: MetaDtype, what: str = "tensor", where=()) 
 
 def dequantize_code(code: int, s, z) -> np.float32:
     return F32(F32(F32(code) * s) + z)
+
+
+def group_metadata(xs, b: int, meta: MetaDtype):
+    """§3 steps 1-4 without the checks: the (s, z) rounded metadata values of one group."""
+    L = (1 << b) - 1
+    mn, mx = channel_minmax(xs)
+    _, s = meta.round(F32(F32(mx - mn) / F32(L)))
+    _, z = meta.round(mn)
+    return s, z
+
+
+def check_metadata_overflow(rows, b: int, G: int, meta: MetaDtype, what: str):
+    """§3 step 4 ordering: a metadata overflow anywhere in the tensor is reported (at its
+    row-major first group) before any range overflow.  `rows` is a list of (where, xs)."""
+    for where, xs in rows:
+        for gi, start in enumerate(range(0, len(xs), G)):
+            s, z = group_metadata(xs[start:start + G], b, meta)
+            if meta.overflowed(s) or meta.overflowed(z):
+                raise ValueError(f"{what}: group {where + (gi,)} overflows {meta.name} metadata; "
+                                 "use meta_dtype='float32' or 'bfloat16'")
 
 
 def quantize_row(xs, b: int, G: int, meta: MetaDtype, what="tensor", where=()):
@@ -298,6 +323,7 @@ def quantize_rows(x2d, b: int, G: int, meta_name: str, what="x", out_dtype="floa
     nrows, n = x2d.shape
     flat = to_f32_list(x2d, what)
     ngroups = -(-n // G)
+    check_metadata_overflow([((r,), flat[r * n:(r + 1) * n]) for r in range(nrows)], b, G, meta, what)
     packed, sbits, zbits, deq = [], [], [], []
     for r in range(nrows):
         xs = flat[r * n:(r + 1) * n]
@@ -321,16 +347,16 @@ def quantize_rows(x2d, b: int, G: int, meta_name: str, what="x", out_dtype="floa
 # 16-bit rows (§6, w == 16)
 # ---------------------------------------------------------------------------------------
 
-def half_round(x, high_dtype: str) -> int:
+def half_round(x, high_dtype: str, what: str = "x") -> int:
     if high_dtype == "bfloat16":
         b = bf16_bits(x)
         if is_inf_bf16(b):
-            raise ValueError("value overflows bfloat16")
+            raise ValueError(f"{what}: a value overflows bfloat16")
         return b
     if high_dtype == "float16":
         b = f16_bits(x)
         if is_inf16(b):
-            raise ValueError("value overflows float16")
+            raise ValueError(f"{what}: a value overflows float16")
         return b
     raise ValueError(f"unknown high dtype {high_dtype!r}")
 
@@ -339,8 +365,8 @@ def half_decode(bits16: int, high_dtype: str) -> np.float32:
     return bf16_value(bits16) if high_dtype == "bfloat16" else f16_value(bits16)
 
 
-def encode_half_row(xs, high_dtype: str) -> bytes:
-    return b"".join(half_round(x, high_dtype).to_bytes(2, "little") for x in xs)
+def encode_half_row(xs, high_dtype: str, what: str = "x") -> bytes:
+    return b"".join(half_round(x, high_dtype, what).to_bytes(2, "little") for x in xs)
 
 
 def decode_half_row(data: bytes, high_dtype: str) -> list:
@@ -576,6 +602,19 @@ def rd_hull_steps(points) -> list:
         cur = best
 
 
+def rd_check_minimum(cfg: PortConfig, B: int, H: int, D: int):
+    """§8.3 step 3: (budget, minimum); a budget below the cheapest allocation is rejected."""
+    R = cfg.R
+    budget = math.floor(cfg.rd_bits * (2 * R * D * B * H))
+    minimum = (B * H * D * min(rd_key_cost(b, cfg) for b in cfg.bit_ladder) + 8 * D * B * H
+               + min(rd_value_cost(b, cfg, B, H, D) for b in cfg.value_bit_ladder))
+    if minimum > budget:
+        raise ValueError(
+            f"rd_bits={cfg.rd_bits} is below the cheapest allocation: {minimum} bits "
+            f"({minimum / (2 * R * D * B * H)} bits per element) > budget {budget} bits")
+    return budget, minimum
+
+
 def rd_allocate(keys, values, w, cfg: PortConfig, B: int, H: int, D: int):
     """§8.3 for one block.
 
@@ -607,7 +646,8 @@ def rd_allocate(keys, values, w, cfg: PortConfig, B: int, H: int, D: int):
                     grp += [grp[-1]] * (G - len(grp))
                     rg = max(grp) - min(grp)
                     range_sq.append(rg * rg)
-    mean_range_sq = math.fsum(range_sq) / len(range_sq)
+    S = math.fsum(range_sq)
+    n_g = -(-D // G)
 
     # owners: key channels in (b, h, d) order, then the value chain
     chains = []
@@ -627,19 +667,15 @@ def rd_allocate(keys, values, w, cfg: PortConfig, B: int, H: int, D: int):
     vpts = []
     for bw in cfg.value_bit_ladder:
         L = float((1 << bw) - 1)
-        e_head = D * mean_range_sq / (12.0 * (L * L))
-        vpts.append((rd_value_cost(bw, cfg, B, H, D), cfg.rd_value_weight * ((B * H) * e_head), bw))
+        # E_val(b) = λ * (D * S / (R * n_g) / (12 * (2^b - 1)^2)), in exactly that order
+        e_val = cfg.rd_value_weight * (D * S / (R * n_g) / (12.0 * (L * L)))
+        vpts.append((rd_value_cost(bw, cfg, B, H, D), e_val, bw))
     chains.append(vpts)
 
     # step 3: budget and the cheapest allocation
-    budget = math.floor(cfg.rd_bits * (2 * R * D * B * H))
+    budget, minimum = rd_check_minimum(cfg, B, H, D)
     start = [min(pts, key=lambda p: p[0]) for pts in chains]
     tier_map_bits = 8 * D * B * H
-    minimum = sum(p[0] for p in start) + tier_map_bits
-    if minimum > budget:
-        raise ValueError(
-            f"rd_bits={cfg.rd_bits} is below the cheapest allocation: {minimum} bits "
-            f"({minimum / (2 * R * D * B * H)} bits per element) > budget {budget} bits")
 
     # step 4: key hull steps as items, ordered by gain descending, ties by channel then step;
     # then one walk per value width that fits, the least total modelled error winning
@@ -694,7 +730,9 @@ class PortCache:
         self.values = []
         self.n_rep = None
         self.qsum = [0] * (B * H * D)
-        self.nq = 0
+        self.nq = 0                    # the query position: tokens whose queries were observed
+        self.count = 0                 # query tokens summed into qsum (not rolled back by crop)
+        self.itemsize = None           # the input dtype's size (the residual is kept in it)
         self.snapshots = {}            # block index -> (qsum copy, nq), until it is flushed
         self.blocks = []               # flushed key blocks
         self.value_tokens = {}         # token -> (width, [(packed, s_bits, z_bits, deq)
@@ -705,7 +743,25 @@ class PortCache:
     def _idx(self, b, h, d):
         return (b * self.H + h) * self.D + d
 
+    # -- transactions: a rejected call leaves the cache exactly as it was (§1) -----------------
+    def _transaction(self, fn, *args):
+        import copy
+
+        saved = copy.deepcopy(self.__dict__)
+        try:
+            return fn(*args)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
     def observe_queries(self, q):
+        return self._transaction(self._observe_queries, q)
+
+    def append(self, keys, values, queries=None):
+        return self._transaction(self._append, keys, values, queries)
+
+    def _observe_queries(self, q):
         q = np.asarray(q)
         B, Hq, T, D = q.shape
         if Hq % self.H:
@@ -724,15 +780,21 @@ class PortCache:
                     for d in range(D):
                         self.qsum[self._idx(b, h, d)] += query_fixed_point(flat[base + d])
             self.nq += 1
+            self.count += 1
             if self.nq % self.cfg.R == 0 and self.nq // self.cfg.R - 1 >= self.n_flushed:
-                self.snapshots[self.nq // self.cfg.R - 1] = (list(self.qsum), self.nq)
+                self.snapshots[self.nq // self.cfg.R - 1] = (list(self.qsum), self.count)
         self._flush()
 
-    def append(self, keys, values, queries=None):
+    def _append(self, keys, values, queries=None):
         keys, values = np.asarray(keys), np.asarray(values)
         B, H, T, D = keys.shape
+        if self.cfg.tier_mode == "rd":
+            rd_check_minimum(self.cfg, B, H, D)   # known from the shape alone (§8.3 step 3)
         kf = to_f32_list(keys, "keys")
         vf = to_f32_list(values, "values")
+        if queries is not None:
+            to_f32_list(queries, "queries")    # every check before any state changes (§1)
+        self.itemsize = keys.dtype.itemsize
         for t in range(T):
             self.keys.append([kf[((b * H + h) * T + t) * D + d]
                               for b in range(B) for h in range(H) for d in range(D)])
@@ -742,6 +804,50 @@ class PortCache:
             self.observe_queries(queries)
         else:
             self._flush()
+
+    # -- structural edits (§9) ------------------------------------------------------------
+    def select_batch(self, indices):
+        """Keep batch rows `indices` (any order, repeats): every per-(b, h, d) list is rebuilt."""
+        HD = self.H * self.D
+        idx = [int(i) for i in indices]
+
+        def take(flat):
+            return [x for b in idx for x in flat[b * HD:(b + 1) * HD]]
+
+        self.keys = [take(tok) for tok in self.keys]
+        self.values = [take(tok) for tok in self.values]
+        self.qsum = take(self.qsum)
+        self.snapshots = {j: (take(q), c) for j, (q, c) in self.snapshots.items()}
+        for blk in self.blocks:
+            old_map = blk["tier_map"]
+            blk["tier_map"] = take(old_map)
+            for w, e in blk["tiers"].items():
+                pos = {i: k for k, i in enumerate(e["rows"])}
+                rows = [i for i in range(len(idx) * HD) if blk["tier_map"][i] == w]
+                src = [pos[idx[i // HD] * HD + i % HD] for i in rows]
+                e["rows"] = rows
+                for key in ("packed", "scale", "zero", "deq"):
+                    if e[key]:
+                        e[key] = [e[key][k] for k in src]
+        self.value_tokens = {t: (vb, [per[b * self.H + h] for b in idx for h in range(self.H)])
+                             for t, (vb, per) in self.value_tokens.items()}
+        self.B = len(idx)
+
+    def crop(self, n):
+        """Keep the first n tokens: the residual, or whole quantized blocks (§9)."""
+        R, total = self.cfg.R, len(self.keys)
+        keep = total + n if n < 0 else n
+        if keep >= total:
+            return
+        if keep < self.n_flushed * R:
+            if keep % R:
+                raise ValueError(f"crop to {keep} tokens would cut a quantized block")
+            self.blocks = self.blocks[:keep // R]
+            self.n_flushed = keep // R
+        self.keys, self.values = self.keys[:keep], self.values[:keep]
+        self.value_tokens = {t: v for t, v in self.value_tokens.items() if t < keep}
+        self.nq = min(self.nq, keep)                   # the position rewinds; qsum and count stay
+        self.snapshots = {j: v for j, v in self.snapshots.items() if (j + 1) * R <= keep}
 
     # -- flushing ---------------------------------------------------------------------------
     def _flush(self):
@@ -822,7 +928,7 @@ class PortCache:
             for i in rows:
                 col = cols[i]
                 if w == 16:
-                    data = encode_half_row(col, cfg.high_dtype)
+                    data = encode_half_row(col, cfg.high_dtype, "keys")
                     entry["packed"].append(data)
                     entry["deq"].append(decode_half_row(data, cfg.high_dtype))
                 else:
@@ -905,6 +1011,21 @@ class PortCache:
         v = np.array(V, np.float32).reshape(T, B, H, D).transpose(1, 2, 0, 3)
         return np.ascontiguousarray(k), np.ascontiguousarray(v)
 
+    def nominal_bits(self) -> float:
+        """§9: code bits (16 for a 16-bit channel) per quantized K/V element."""
+        R, BHD = self.cfg.R, self.B * self.H * self.D
+        bits = sum(sum(blk["tier_map"]) * R for blk in self.blocks)
+        elements = len(self.blocks) * BHD * R
+        for vb, _ in self.value_tokens.values():
+            bits += BHD * vb
+            elements += BHD
+        return bits / elements if elements else 0.0
+
+    def bits_per_element(self) -> float:
+        """§9: 8 * nbytes / (number of K and V elements)."""
+        n = 2 * self.B * self.H * len(self.keys) * self.D
+        return 8.0 * self.nbytes(self.itemsize or 0) / n if n else 0.0
+
     def nbytes(self, input_itemsize: int) -> int:
         """§9 accounting: every array the cache holds (the residual in the input dtype)."""
         cfg, B, H, D, R = self.cfg, self.B, self.H, self.D, self.cfg.R
@@ -923,7 +1044,133 @@ class PortCache:
         T, nv = len(self.keys), len(self.value_tokens)
         total += (T - self.n_flushed * R) * B * H * D * input_itemsize   # key residual
         total += (T - nv) * B * H * D * input_itemsize                   # value residual
-        if self.nq > 0:
+        if self.count > 0:
             total += B * H * D * 8                                        # qsum, int64
         total += len(self.snapshots) * B * H * D * 8      # snapshots of unflushed blocks
         return total
+
+
+# ---------------------------------------------------------------------------------------
+# Golden-vector driver (§10): one case of tests/vectors/v1 -> its outputs, by this port
+# ---------------------------------------------------------------------------------------
+
+LEGACY_STREAM = "one append(keys, values, queries) of all tokens"
+
+
+class ExpectationFailed(AssertionError):
+    """An expected rejection (§10 `expect` / `expect_error`) did not happen as stated."""
+
+
+def expect_error(expect, call):
+    try:
+        call()
+    except ExpectationFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - compared by name below
+        if type(exc).__name__ != expect["type"] or not all(m in str(exc) for m in expect["match"]):
+            raise ExpectationFailed(f"expected {expect}, got {exc!r}") from exc
+        return
+    raise ExpectationFailed(f"expected {expect}; nothing was raised")
+
+
+def run_stream_op(cache, op, inputs):
+    def rows(name, start, stop):
+        a = inputs[name][:, :, start:stop]
+        if "batch" in op:
+            a = a[np.asarray(op["batch"], dtype=np.int64)]
+        return a
+
+    def act():
+        kind = op["op"]
+        if kind == "append":
+            q = rows(op.get("queries_input", "queries"), op["start"], op["stop"]) if op["queries"] else None
+            cache.append(rows(op.get("keys", "keys"), op["start"], op["stop"]),
+                         rows(op.get("values", "values"), op["start"], op["stop"]), q)
+        elif kind == "observe_queries":
+            cache.observe_queries(rows(op.get("queries_input", "queries"), op["start"], op["stop"]))
+        elif kind == "crop":
+            cache.crop(op["n"])
+        elif kind == "select_batch":
+            cache.select_batch(op["indices"])
+        else:
+            raise ValueError(f"unknown stream operation {kind!r}")
+
+    if "expect_error" in op:
+        expect_error(op["expect_error"], act)
+    else:
+        act()
+
+
+def cache_outputs(cache):
+    """The §10 cache outputs of the port's current state (names without `out_`)."""
+    cfg, R = cache.cfg, cache.cfg.R
+    out = {}
+    for j in range(len(cache.blocks)):
+        for key, arr in cache.block_arrays(j).items():
+            out[f"block{j}_{key}"] = arr
+    n_values = len(cache.value_tokens)
+    if cfg.value_window == "sliding":
+        spans = [(0, n_values)] if n_values else []
+    else:
+        spans = [(j * R, (j + 1) * R) for j in range(n_values // R)]
+    for i, (t0, t1) in enumerate(spans):
+        for key, arr in cache.value_arrays(t0, t1).items():
+            out[f"values{i}_{key}"] = arr
+    if cache.keys:
+        out["dequantized_keys"], out["dequantized_values"] = cache.dequantized()
+    out["nbytes"] = np.array(cache.nbytes(cache.itemsize or 0), np.int64)
+    return out
+
+
+def run_case(case, inputs):
+    """Outputs of one manifest case (a dict of arrays named as in the npz, without `out_`).
+    Raises ExpectationFailed when an expected rejection does not happen as stated."""
+    kind, p = case["kind"], case["params"]
+    if kind == "pack":
+        return {"packed": pack(inputs["codes"], p["bits"])}
+    if kind == "quantize":
+        r = quantize_rows(inputs["x"], p["bits"], p["group_size"], p["meta_dtype"],
+                          out_dtype=p.get("out_dtype", "float32"))
+        return {k: r[k] for k in ("packed", "scale", "zero", "dequantized")}
+    if kind == "half":
+        return half_rows(inputs["x"], p["high_dtype"])
+    if kind == "error":
+        inner = {k: v for k, v in p.items() if k != "call"}
+        expect_error(case["expect"], lambda: run_case({**case, "kind": p["call"], "params": inner}, inputs))
+        return {}
+    assert kind == "cache", kind
+    cfg = PortConfig(**case["config"])
+    K = inputs["keys"]
+    B, H, _, D = K.shape
+    cache = PortCache(cfg, B, H, D)
+    stream = case["stream"]
+    if stream == LEGACY_STREAM:
+        cache.append(K, inputs["values"], inputs["queries"])
+        return cache_outputs(cache)
+    trace = {"nbytes": [], "seq_len": [], "nominal_bits": [], "bits_per_element": []}
+    for op in stream:
+        run_stream_op(cache, op, inputs)
+        trace["nbytes"].append(cache.nbytes(cache.itemsize or 0))
+        trace["seq_len"].append(len(cache.keys))
+        trace["nominal_bits"].append(cache.nominal_bits())
+        trace["bits_per_element"].append(cache.bits_per_element())
+    out = cache_outputs(cache)
+    out["trace_nbytes"] = np.array(trace["nbytes"], np.int64)
+    out["trace_seq_len"] = np.array(trace["seq_len"], np.int64)
+    out["trace_nominal_bits"] = np.array(trace["nominal_bits"], np.float64)
+    out["trace_bits_per_element"] = np.array(trace["bits_per_element"], np.float64)
+    return out
+
+
+def mismatches(got, expected):
+    """Names of outputs that differ in presence, dtype, shape or bytes."""
+    bad = []
+    for key in sorted(set(got) | set(expected)):
+        g, e = got.get(key), expected.get(key)
+        if g is None or e is None:
+            bad.append(key)
+            continue
+        g, e = np.asarray(g), np.asarray(e)
+        if g.dtype != e.dtype or g.shape != e.shape or g.tobytes() != e.tobytes():
+            bad.append(key)
+    return bad

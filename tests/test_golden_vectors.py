@@ -36,8 +36,15 @@ def test_manifest_covers_every_case():
     assert manifest["format_version"] == FORMAT_VERSION
     assert [c["name"] for c in manifest["cases"]] == [name for name, *_ in cases()]
     kinds = {c["kind"] for c in manifest["cases"]}
-    assert kinds == {"pack", "quantize", "half", "cache"}
+    assert kinds == {"pack", "quantize", "half", "cache", "error"}
+    for c in manifest["cases"]:  # docs §10: a cache case's stream is the legacy string or a list of operations
+        if c["kind"] == "cache":
+            assert c["stream"] == "one append(keys, values, queries) of all tokens" or (
+                isinstance(c["stream"], list) and all(op["op"] in ("append", "observe_queries", "crop", "select_batch")
+                                                      for op in c["stream"]))
+            assert set(c["config"]) >= set(c["params"])
     assert {c["params"]["bits"] for c in manifest["cases"] if c["kind"] == "quantize"} == set(range(1, 9))
+    assert {c["kind"] for c in manifest["cases"] if "expect" in c} == {"error"}
 
 
 def test_a_flipped_byte_is_detected(tmp_path):
@@ -51,3 +58,16 @@ def test_a_flipped_byte_is_detected(tmp_path):
     arrays["out_packed"][0, 0] ^= 1
     np.savez_compressed(target, **arrays)
     assert check_vectors(tmp_path / "v1") == ["quant_b3_float16_f16in:packed"]
+
+
+def test_an_expected_rejection_that_is_not_raised_is_detected(tmp_path):
+    """An error case whose input no longer fails must be reported, not silently passed."""
+    import shutil
+
+    shutil.copytree(VECTORS, tmp_path / "v1")
+    target = tmp_path / "v1" / "error_non_finite.npz"
+    with np.load(target) as data:
+        arrays = {k: data[k].copy() for k in data.files}
+    arrays["in_x"][np.isnan(arrays["in_x"]) | np.isinf(arrays["in_x"])] = 0.0
+    np.savez_compressed(target, **arrays)
+    assert check_vectors(tmp_path / "v1") == ["error_non_finite:expect"]

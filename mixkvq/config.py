@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import canonical_dtype
-from .format import META_DTYPES, CostModel
+from .format import ITEMSIZE, META_DTYPES, CostModel
 from .policy import SaliencePolicy, get_policy
 from .schemes import (BudgetKeys, KeyScheme, RateDistortionKeys, ThresholdKeys, UniformKeys, ValueQuant)
 from .validation import check_positive_int
@@ -34,6 +34,8 @@ SCHEME_FIELDS = {
     "rd": ("rd_bits", "bit_ladder", "value_bit_ladder", "rd_value_weight", "high_dtype"),
 }
 FLAT_FIELDS = tuple(dict.fromkeys(COMMON_FIELDS + sum(SCHEME_FIELDS.values(), ())))
+#: Largest residual_length / group_size: a block of more tokens would never fill in practice.
+MAX_BLOCK_TOKENS = 1 << 20
 _BACKEND_MOVED = ("a config describes stored bytes, not where they are computed: choose the backend where the "
                   "cache is built, e.g. KVCache(config, backend='torch') or MixKVQCache(config, backend='torch')")
 
@@ -104,6 +106,9 @@ class MixKVQConfig:
         set_("group_size", check_positive_int(group_size, "group_size"))
         set_("residual_length", check_positive_int(residual_length, "residual_length"))
         set_("meta_dtype", canonical_dtype(meta_dtype, allowed=META_DTYPES, what="meta_dtype"))
+        for name in ("group_size", "residual_length"):
+            if getattr(self, name) > MAX_BLOCK_TOKENS:
+                raise ValueError(f"{name} must be at most {MAX_BLOCK_TOKENS} tokens; got {getattr(self, name)}")
         if self.residual_length % self.group_size:
             raise ValueError(
                 f"residual_length ({self.residual_length}) must be a multiple of group_size "
@@ -136,6 +141,14 @@ class MixKVQConfig:
     def waits_for_queries(self) -> bool:
         """Whether a block flushes only once its last token's queries were observed (§9)."""
         return self.keys.uses_salience and self.salience_policy.uses_queries
+
+    def check_feasible(self) -> None:
+        """Raise ValueError if no head size can be stored under this config: for ``tier_mode='rd'``,
+        an ``rd_bits`` below the cheapest block whatever head_dim is (the head_dim-dependent
+        check runs at the first append). Construction does not call it, so a catalog of
+        configs may hold rows that are only unusable with some block sizes."""
+        if isinstance(self.keys, RateDistortionKeys):
+            self.keys.check_budget(self.residual_length, self.group_size, ITEMSIZE[self.meta_dtype])
 
     def costs(self, head_dim: int) -> CostModel:
         """The byte counts of this config's blocks for heads of ``head_dim`` channels."""
@@ -177,12 +190,16 @@ class MixKVQConfig:
             raise FileNotFoundError(f"config file {p} does not exist")
         try:
             data = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except RecursionError:
+            raise ValueError(f"config file {p} is not a config: its JSON is nested too deeply") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"config file {p} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or data.pop("mixkvq_config", None) != 1:
             raise ValueError(f"{p} is not a mixkvq config file (missing 'mixkvq_config': 1)")
         try:
-            return cls.from_dict(data)
+            config = cls.from_dict(data)
+            config.check_feasible()
+            return config
         except (TypeError, ValueError) as exc:
             raise ValueError(f"config file {p}: {exc}") from None
 
@@ -209,10 +226,13 @@ def _parts_from_flat(d: dict[str, Any], *, strict: set[str]) -> tuple[Any, KeySc
     earlier versions hold every field, and a strategy switch leaves the old one's behind)."""
     nulls = sorted(k for k, v in d.items() if v is None and k != "policy")
     if nulls:
-        raise ValueError(f"config fields {nulls} must not be null")
+        raise ValueError(f"config field{'s' if len(nulls) > 1 else ''} {', '.join(nulls)} must not be null: "
+                         "give a value or leave the field out for its default")
     policy = d.get("policy")
     mixed = get_policy(policy).mixed_precision if policy is not None else True
     mode = d.get("tier_mode", "budget")
+    if not isinstance(mode, str):
+        raise ValueError(f"tier_mode must be one of {', '.join(repr(m) for m in SCHEME_FIELDS)}; got {mode!r}")
     if not mixed:  # KIVI: one width for every key channel
         if mode != "uniform" and "tier_mode" in strict:
             raise ValueError(f"policy {get_policy(policy).name!r} is KIVI (one width for every key channel); "

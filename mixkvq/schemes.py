@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 #: float32 metadata for every element, G = 1, and a tier map per token, R = 1: 76 bits), so a
 #: larger budget is a typo, not a request.
 MAX_RD_BITS = 128.0
+#: Largest accepted ``rd_value_weight`` (λ): beyond it the value error swamps every key error
+#: (the allocator would only ever widen values), so a larger rate is a typo.
+MAX_RD_VALUE_WEIGHT = 1e6
+#: Largest channel count a budget may name: more channels than any attention head has.
+MAX_BUDGET_COUNT = 1 << 16
 
 
 def as_float32(x: Any) -> Any:
@@ -220,13 +225,27 @@ class RateDistortionKeys(KeyScheme):
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", _positive_float(self.bits, "rd_bits", "a number of bits per element",
                                                          upper=MAX_RD_BITS))
-        object.__setattr__(self, "value_weight", _positive_float(self.value_weight, "rd_value_weight", "an exchange rate"))
+        object.__setattr__(self, "value_weight", _positive_float(self.value_weight, "rd_value_weight", "an exchange rate",
+                                                                 upper=MAX_RD_VALUE_WEIGHT))
         object.__setattr__(self, "ladder", _check_ladder(self.ladder, "bit_ladder", allow_high=True))
         object.__setattr__(self, "value_ladder", _check_ladder(self.value_ladder, "value_bit_ladder", allow_high=False))
         _check_high_dtype(self)
 
     def widths(self) -> tuple[int, ...]:
         return tuple(sorted(self.ladder, reverse=True))
+
+    def check_budget(self, residual_length: int, group_size: int, meta_bytes: int) -> None:
+        """Raise ValueError if ``bits`` is below the cheapest block for every head size (the
+        head_dim-independent part of :meth:`check_shape`; :meth:`MixKVQConfig.check_feasible`, run
+        when a config file is loaded)."""
+        floor = rd_min_bits(residual_length, group_size, meta_bytes, self.ladder[0], self.value_ladder[0])
+        if self.bits < floor:
+            raise ValueError(
+                f"rd_bits={self.bits} is below the cheapest allocation of any block: with residual_length="
+                f"{residual_length}, group_size={group_size}, {meta_bytes}-byte metadata and widths {self.ladder[0]} "
+                f"(keys) and {self.value_ladder[0]} (values) a block costs at least {floor:.4f} true bits per element "
+                f"whatever head_dim is; raise rd_bits to {math.ceil(floor * 1000) / 1000:g} or more, or lower the "
+                "metadata cost (a larger group_size or residual_length, float16/bfloat16 meta_dtype)")
 
     def check_shape(self, head_dim, heads, costs):
         R, D = costs.residual_length, head_dim
@@ -236,7 +255,8 @@ class RateDistortionKeys(KeyScheme):
             raise ValueError(
                 f"rd_bits={self.bits} is below the cheapest allocation of a block "
                 f"({costs.min_block_bits(self.ladder[0], self.value_ladder[0]):.4f} true bits per element with widths "
-                f"{self.ladder[0]} and {self.value_ladder[0]}, head_dim {D}); raise rd_bits")
+                f"{self.ladder[0]} and {self.value_ladder[0]}, head_dim {D}); raise rd_bits to at least "
+                f"{math.ceil(cheapest / (2 * R * D * heads) * 10000) / 10000:g}")
 
     def assign(self, backend, keys, values, relevance, policy, costs):
         import numpy as np
@@ -276,19 +296,47 @@ class ValueQuant:
 KEY_SCHEMES: dict[str, type[KeyScheme]] = {c.name: c for c in (UniformKeys, BudgetKeys, ThresholdKeys, RateDistortionKeys)}
 
 
+def rd_min_bits(residual_length: int, group_size: int, meta_bytes: int, key_bits: int, value_bits: int) -> float:
+    """A lower bound, over every head_dim, of the true bits per K/V element of a block with
+    every key channel at ``key_bits`` and values at ``value_bits`` (the tier map's byte and
+    the key row per channel are per R tokens; a value row costs at least ``value_bits`` plus
+    one scale and zero per G channels per element; exact when G divides D and D*bits is a
+    multiple of 8)."""
+    costs = CostModel(residual_length, group_size, 1, meta_bytes)
+    key = (8 + costs.key_channel_bits(key_bits)) / residual_length
+    value = value_bits + 16 * meta_bytes / group_size
+    return (key + value) / 2
+
+
 # -- field checks -----------------------------------------------------------------------------------
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool) or type(v).__name__ in ("bool_", "bool")
+
+
+def _is_real(v: Any) -> bool:
+    """A real number (Python or NumPy int/float), not a bool and not a string."""
+    import numbers
+
+    return isinstance(v, numbers.Real) and not _is_bool(v)
+
+
 def _check_budget(budget: Any) -> tuple[float, float]:
     try:
         hi, mid = budget
     except (TypeError, ValueError):
         raise ValueError(f"budget must be a pair (high, mid); got {budget!r}") from None
     for v in (hi, mid):
-        if isinstance(v, bool) or type(v).__name__ == "bool_":
+        if _is_bool(v):
             raise ValueError(f"budget entries must be channel counts (ints) or fractions (floats), not booleans; got {budget!r}")
+        if not _is_real(v):
+            raise ValueError(f"budget entries must be numbers: channel counts (ints) or fractions (floats); got {budget!r}")
     ints = [as_int(v) for v in (hi, mid)]
     if all(i is not None for i in ints):
         if min(ints) < 0:
             raise ValueError(f"budget counts must be >= 0; got {budget!r}")
+        if max(ints) > MAX_BUDGET_COUNT:
+            raise ValueError(f"budget counts must be at most {MAX_BUDGET_COUNT} channels; got {budget!r} "
+                             "(pass fractions of head_dim, e.g. (1/32, 1/8), for a size-independent budget)")
         return (ints[0], ints[1])
     if any(i not in (None, 0) for i in ints):
         raise ValueError(f"budget {budget!r} mixes a channel count with a fraction; pass two ints (counts) "
@@ -305,7 +353,7 @@ def _check_budget(budget: Any) -> tuple[float, float]:
 
 def _positive_float(value: Any, name: str, what: str, *, upper: float | None = None) -> float:
     try:
-        if isinstance(value, bool) or type(value).__name__ == "bool_":
+        if not _is_real(value):
             raise TypeError
         out = float(value)
     except (TypeError, ValueError):
@@ -337,7 +385,7 @@ def _check_ladder(ladder: Any, name: str, *, allow_high: bool) -> tuple[int, ...
 def _check_thresholds(thresholds: Any) -> tuple[float, float]:
     try:
         hi, mid = thresholds
-        if any(isinstance(t, bool) or type(t).__name__ == "bool_" for t in (hi, mid)):
+        if not all(_is_real(t) for t in (hi, mid)):
             raise TypeError
         hi, mid = float(hi), float(mid)
     except (TypeError, ValueError):
@@ -348,4 +396,5 @@ def _check_thresholds(thresholds: Any) -> tuple[float, float]:
 
 
 __all__ = ["KeyScheme", "UniformKeys", "BudgetKeys", "ThresholdKeys", "RateDistortionKeys", "ValueQuant",
-           "KEY_SCHEMES", "salience", "as_float32", "MAX_RD_BITS"]
+           "KEY_SCHEMES", "salience", "as_float32", "MAX_RD_BITS", "MAX_RD_VALUE_WEIGHT", "MAX_BUDGET_COUNT",
+           "rd_min_bits"]

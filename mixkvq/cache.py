@@ -152,10 +152,12 @@ class KVCache:
             if queries is not None:
                 B, H, T, D = (int(s) for s in keys.shape)
                 self._validate_queries(state, queries, backend, expect_tokens=T, after_append=True, expect_shape=(B, H, D))
-            new = st.append(state, backend.from_any(keys), backend.from_any(values), backend, keys)
+            vals = backend.from_any(values)
+            self._check_values_storable(vals, backend)
+            new = st.append(state, backend.from_any(keys), vals, backend, keys)
             if queries is not None:
                 new = st.observe(new, backend.from_any(queries), backend, self.config.residual_length)
-            self._commit(st.flush(new, self.config, backend), backend)
+            self._commit(self._flush(new, backend), backend)
 
     def observe_queries(self, queries: Any) -> None:
         """Feed the queries of the next tokens of the stream (they may lag keys, never lead)."""
@@ -166,7 +168,30 @@ class KVCache:
             backend = self.backend
             self._validate_queries(state, queries, backend, expect_tokens=None, after_append=False)
             new = st.observe(state, backend.from_any(queries), backend, self.config.residual_length)
-            self._commit(st.flush(new, self.config, backend), backend)
+            self._commit(self._flush(new, backend), backend)
+
+    def _check_values_storable(self, values: Any, backend: Backend) -> None:
+        """Values are quantized per token, so whether a token's values can be stored is known
+        when it arrives: a dry run of §3 on the new tokens rejects, at the call that brings it,
+        a value whose group range overflows the metadata (index in the caller's tensor), instead
+        of letting it into the residual where it would fail every later flush. (rd mode: at the
+        widest value width of its ladder, so only certain failures are caught here.)"""
+        cfg = self.config
+        ladder = getattr(cfg.keys, "value_ladder", None)
+        bits = max(ladder) if ladder else cfg.values.bits
+        backend.quantize(values, bits, cfg.group_size, cfg.meta_dtype, "values")
+
+    def _flush(self, state: st.CacheState, backend: Backend) -> st.CacheState:
+        """:func:`mixkvq.state.flush`, with a rejected block explained in the caller's terms."""
+        try:
+            return st.flush(state, self.config, backend)
+        except ValueError as exc:
+            start = state.storage.n_key_quantized
+            R = self.config.residual_length
+            raise type(exc)(
+                f"{exc} [while quantizing the key block of tokens {start}..{start + R - 1}; the index counts within "
+                f"that block. Nothing was stored. If those tokens came in an earlier call, crop({start}) drops them "
+                "and the cache streams on]") from None
 
     def _commit(self, state: st.CacheState, backend: Backend) -> None:
         self._state = state
@@ -323,8 +348,19 @@ class KVCache:
             raise ValueError(f"softcap must be a positive finite number; got {softcap!r}")
         extra = {k: v for k, v in (("window", None if window is None else as_int(window)),
                                    ("softcap", None if softcap is None else float(softcap))) if v is not None}
-        out = backend.attention(backend.from_any(q), state.storage, PackedLayout(self.config, D),
-                                scale=float(scale), causal=causal, mask=mask, **extra)
+        layout = PackedLayout(self.config, D)
+        qb = backend.from_any(q)
+        out = backend.attention(qb, state.storage, layout, scale=float(scale), causal=causal, mask=mask, **extra)
+        if backend.first_nonfinite(out) is not None:
+            # a float32 logit overflowed (|q| |k| D beyond ~3e38) where the float64 reference stays
+            # finite: answer this call with the reference, so finite inputs never give NaN/Inf
+            from .sim.attention import attention as reference_attention
+
+            k, v = (np.asarray(backend.to_numpy(x), dtype=np.float32) for x in layout.dequantized(backend, state.storage))
+            m = None if mask is None else np.asarray(backend.to_numpy(mask), dtype=bool)
+            ref = reference_attention(np.asarray(backend.to_numpy(qb), dtype=np.float32), k, v, scale=float(scale),
+                                      causal=causal, mask=m, **extra)
+            out = backend.from_any(ref, like=qb)
         return convert_like(out, q, backend)
 
     def dequantized(self) -> tuple[Any, Any]:

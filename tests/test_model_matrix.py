@@ -130,3 +130,16 @@ def test_sliding_layers_free_what_falls_out_of_their_window(model):
             assert layer.kv.n_freed > 0 and layer.kv.n_held <= window + 2 * R
         else:
             assert layer.kv.n_freed == 0 and layer.kv.n_held == layer.kv.seq_len
+
+
+def test_layer_implements_the_layer_api_of_this_transformers_version():
+    """Every abstract method of this version's CacheLayerMixin is implemented (5.0-5.10 name
+    ``get_max_cache_shape``, 5.16+ ``get_max_length``), and ``get_mask_sizes`` takes both the
+    ``cache_position`` tensor (5.0) and the query length (5.5+)."""
+    from mixkvq.integrations.transformers import MixKVQLayer
+
+    assert not getattr(MixKVQLayer, "__abstractmethods__", None)
+    layer = MixKVQLayer(QUANT, backend="torch")
+    assert layer.get_mask_sizes(5) == (5, 0)
+    assert layer.get_mask_sizes(torch.arange(7)) == (7, 0)
+    assert layer.get_max_cache_shape() == layer.get_max_length() == -1

@@ -423,7 +423,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .eval.methods import build_cache, builtin_methods, resolve_methods, cache_stats, MethodUnavailable
-    from mixkvq.integrations.transformers import enable
+    from mixkvq.integrations.transformers import cache_argument, enable
 
     base = _load_config(args.config)
     catalog = builtin_methods(base)
@@ -463,7 +463,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = model.generate(**enc, past_key_values=cache, max_new_tokens=args.max_new_tokens,
+            out = model.generate(**enc, **{cache_argument(model): cache}, max_new_tokens=args.max_new_tokens,
                                  do_sample=args.sample, pad_token_id=tok.pad_token_id)
         dt = time.time() - t0
         st = cache_stats(cache)
@@ -563,7 +563,7 @@ def _calibrate_layers(args: argparse.Namespace, base: Any, model: Any, tok: Any,
     from .data import DataError, token_stream
     from .eval.harness import EvalSettings, capture_qkv, make_samples
     from .eval.layer_profile import profile_layers
-    from mixkvq.integrations.transformers import enable
+    from mixkvq.integrations.transformers import cache_argument, enable
 
     if base.tier_mode != "rd":  # the default config: its rd variant (same G, R, ladders)
         base = base.replace(tier_mode="rd", value_window="block")

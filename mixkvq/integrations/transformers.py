@@ -1,4 +1,4 @@
-"""MixKVQ as a drop-in transformers cache (tested against transformers 5.24).
+"""MixKVQ as a drop-in transformers cache (tested against transformers 5.0 to 5.24).
 
 Usage::
 
@@ -162,13 +162,19 @@ class MixKVQLayer(CacheLayerMixin):
         if self.config.salience_policy.uses_queries:
             self.kv.observe_queries(query_states.detach())
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query_length: "int | torch.Tensor") -> tuple[int, int]:
+        # early 5.x (5.0; 5.5 already passes the length) gives the ``cache_position`` tensor
+        if isinstance(query_length, torch.Tensor):
+            query_length = int(query_length.shape[0])
+        return self.get_seq_length() + int(query_length), 0
 
     def get_seq_length(self) -> int:
         return self.kv.seq_len
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the abstract name of get_max_length in early 5.x (5.0-5.10)
         return -1
 
     def packed_attention(self, query: torch.Tensor, scaling: float, mask: "torch.Tensor | None" = None,

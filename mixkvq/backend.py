@@ -131,6 +131,23 @@ class BackendBase:
         return out
 
 
+def reference_attention(backend: Backend, q: Any, storage: Any, layout: Any, *, mask: Any = None, **kw: Any) -> Any:
+    """The simulator's float64 attention (docs/numerics.md §9) over a storage decoded by
+    ``backend``'s own format ops, computed on the host and returned as ``backend``'s float32
+    array. Correct for every input and slow (it forms the dequantized history): the answer
+    where a fused path cannot give one (a float32 logit overflow, a case a kernel lacks)."""
+    import numpy as np
+
+    from .sim.attention import attention as sim_attention
+
+    def host(x: Any) -> Any:
+        return np.asarray(backend.to_numpy(x), dtype=np.float32)
+
+    k, v = layout.dequantized(backend, storage)
+    m = None if mask is None else np.asarray(backend.to_numpy(mask), dtype=bool)
+    return backend.from_any(sim_attention(host(q), host(k), host(v), mask=m, **kw), like=q)
+
+
 _FACTORIES: dict[str, Callable[[], Backend]] = {}
 _BUILTIN = {
     "numpy": "mixkvq.sim.backend:NumpyBackend",

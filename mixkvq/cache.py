@@ -20,11 +20,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import state as st
-from .backend import Backend, convert_like, get_backend
+from .backend import Backend, convert_like, get_backend, reference_attention
 from .config import MixKVQConfig
 from .format import HIGH_BITS
 from .layout import KeyBlock, PackedLayout, ValueRows, nbytes_of
-from .validation import as_int, check_finite, check_float_tensor
+from .validation import as_int, check_finite, check_float_tensor, check_positive_finite, check_positive_int
 
 #: the parts of :meth:`KVCache.nbytes_breakdown` that are quantized storage
 QUANTIZED_PARTS = ("key_codes", "key_high", "key_meta", "tier_maps", "value_codes", "value_meta")
@@ -335,32 +335,22 @@ class KVCache:
             raise ValueError(f"q covers {Tq} tokens but the cache holds only {held}")
         backend = self.backend
         check_finite(q, "q", backend)
-        if scale is None:
-            scale = 1.0 / math.sqrt(D)
-        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be a positive finite number; got {scale!r}")
+        scale = 1.0 / math.sqrt(D) if scale is None else check_positive_finite(scale, "scale")
         if mask is not None:
             mask = _attention_mask(mask, (B, Tq, held), backend, like=q)
-        if window is not None and (isinstance(window, bool) or as_int(window) is None or as_int(window) < 1):
-            raise ValueError(f"window must be a positive number of tokens; got {window!r}")
-        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                    or not math.isfinite(softcap) or softcap <= 0):
-            raise ValueError(f"softcap must be a positive finite number; got {softcap!r}")
-        extra = {k: v for k, v in (("window", None if window is None else as_int(window)),
-                                   ("softcap", None if softcap is None else float(softcap))) if v is not None}
+        extra: dict[str, Any] = {}
+        if window is not None:
+            extra["window"] = check_positive_int(window, "window")
+        if softcap is not None:
+            extra["softcap"] = check_positive_finite(softcap, "softcap")
         layout = PackedLayout(self.config, D)
         qb = backend.from_any(q)
         out = backend.attention(qb, state.storage, layout, scale=float(scale), causal=causal, mask=mask, **extra)
         if backend.first_nonfinite(out) is not None:
             # a float32 logit overflowed (|q| |k| D beyond ~3e38) where the float64 reference stays
             # finite: answer this call with the reference, so finite inputs never give NaN/Inf
-            from .sim.attention import attention as reference_attention
-
-            k, v = (np.asarray(backend.to_numpy(x), dtype=np.float32) for x in layout.dequantized(backend, state.storage))
-            m = None if mask is None else np.asarray(backend.to_numpy(mask), dtype=bool)
-            ref = reference_attention(np.asarray(backend.to_numpy(qb), dtype=np.float32), k, v, scale=float(scale),
-                                      causal=causal, mask=m, **extra)
-            out = backend.from_any(ref, like=qb)
+            out = reference_attention(backend, qb, state.storage, layout, scale=float(scale), causal=causal,
+                                      mask=mask, **extra)
         return convert_like(out, q, backend)
 
     def dequantized(self) -> tuple[Any, Any]:

@@ -8,6 +8,7 @@ for the first offending index through :meth:`Backend.first_nonfinite`.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -69,6 +70,13 @@ def check_positive_int(value: Any, name: str) -> int:
     if v is None or v < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
     return v
+
+
+def check_positive_finite(value: Any, name: str) -> float:
+    """A Python int/float (not bool) that is finite and > 0, as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+    return float(value)
 
 
 def normalize_axis(axis: Any, ndim: int, name: str = "axis") -> int:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mixkvq.backend import BackendBase
+from mixkvq.backend import BackendBase, reference_attention
 from mixkvq.dtypes import dtype_name
 from mixkvq.format import DTYPE_KIND as _KIND
 from mixkvq.format import FIXED_ONE, TIER_SLOTS, meta_overflow_error, n_groups, range_overflow_error, row_bytes
@@ -311,13 +311,15 @@ class _KernelBackend(BackendBase):
         """Fused decode attention: q ``(B, Hq, Tq, D)`` -> float32 ``(B, Hq, Tq, D)``, reading the
         packed key blocks, packed values and the residual directly (flash-decoding splits).
         Padding masks, windows, soft-capping and head_dim > ATTN_MAXD are not in the kernel
-        yet: those calls take :meth:`_composed_attention` (correct, slow)."""
+        yet: those calls take :func:`mixkvq.backend.reference_attention` (correct, slow)."""
         xp, cfg = self.xp, layout.config
         q32 = self._f32(q)
         B, Hq, Tq, D = (int(s) for s in q32.shape)
         if D > K.ATTN_MAXD or mask is not None or window or softcap:
-            return self._composed_attention(q32, storage, layout, scale=scale, causal=causal, mask=mask,
-                                            window=window, softcap=softcap)
+            # not in the kernel yet: the history decoded by the format kernels, then the float64
+            # reference on the host — correct, slow, and it forms a dequantized copy
+            return reference_attention(self, q32, storage, layout, scale=scale, causal=causal, mask=mask,
+                                       window=window, softcap=softcap)
         tmpl = storage.residual_keys if storage.residual_keys is not None else storage.key_blocks[0].tier_map
         H = int(tmpl.shape[1])
         n_rep = Hq // H
@@ -342,21 +344,6 @@ class _KernelBackend(BackendBase):
         rows = B * Hq * Tq
         self._run("attn_combine", rows * D, [part_acc, part_ml, _i32(n_splits), np.int64(rows), _i32(D), out])
         return out
-
-
-    def _composed_attention(self, q32: Any, storage: Any, layout: Any, **kw: Any) -> Any:
-        """What the fused kernel does not cover yet (head_dim > ATTN_MAXD, padding masks,
-        sliding windows, soft-capping): the history dequantized by the format kernels, then the
-        simulator's float64 reference on the host. Correct for every input, slow, and it forms a
-        dequantized copy — the price of not refusing these models on the GPU path."""
-        from mixkvq.sim.attention import attention as reference_attention
-
-        k, v = layout.dequantized(self, storage)
-        host = self.to_numpy
-        mask = kw.pop("mask")
-        out = reference_attention(host(q32), host(k), host(v), mask=None if mask is None else host(mask).astype(bool),
-                                  **kw)
-        return self.xp.asarray(out)
 
 
 class CupyBackend(_KernelBackend):

@@ -9,7 +9,6 @@ Python ``int`` where the kernel takes ``int`` would silently become 8 bytes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -86,15 +85,6 @@ def _inline(text: str, seen: set[str]) -> str:
         else:
             out.append(line)
     return "".join(out)
-
-
-def kernel_dir_hash() -> str:
-    """Hash of every file in the kernel folder (sources, headers, compat header)."""
-    h = hashlib.sha256()
-    for p in sorted(KERNEL_DIR.iterdir()):
-        if p.is_file():
-            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 def cache_root() -> Path:

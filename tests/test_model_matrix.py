@@ -16,8 +16,7 @@ from mixkvq.integrations.transformers import MixKVQCache, enable  # noqa: E402
 from mixkvq.integrations.transformers import cache_argument  # noqa: E402
 
 #: the keyword this transformers version takes a cache by (``cache`` in newer 5.x)
-ARG = "cache" if "cache" in __import__("inspect").signature(
-    __import__("transformers").LlamaForCausalLM.forward).parameters else "past_key_values"
+ARG = cache_argument(transformers.LlamaForCausalLM)
 
 VOCAB = 128
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, max_position_embeddings=512,

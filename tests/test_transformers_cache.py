@@ -9,14 +9,13 @@ import pytest
 from conftest_hf import get_model
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from mixkvq import MixKVQConfig  # noqa: E402
 from mixkvq.integrations.transformers import cache_argument  # noqa: E402
 
 #: the keyword this transformers version takes a cache by (``cache`` in newer 5.x)
-ARG = "cache" if "cache" in __import__("inspect").signature(
-    __import__("transformers").LlamaForCausalLM.forward).parameters else "past_key_values"
+ARG = cache_argument(transformers.LlamaForCausalLM)
 
 
 @pytest.fixture(scope="module")

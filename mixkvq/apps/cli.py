@@ -186,6 +186,14 @@ def _out_dir(path: str) -> Path:
     return out
 
 
+def _lengths(text: str, flag: str = "--contexts") -> tuple[int, ...]:
+    """Comma-separated token counts."""
+    try:
+        return tuple(int(c) for c in str(text).split(",") if c.strip())
+    except ValueError:
+        raise CLIError(f"{flag}: comma-separated token counts, got {text!r}") from None
+
+
 def _method_names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -217,30 +225,25 @@ def _threads(n: int) -> None:
 PACKAGED_LAYER_PROFILE = Path(__file__).parent / "eval" / "layer_profile_smollm2.json"
 
 
-def _positive(name: str):
+def _int_at_least(name: str, low: int):
     def conv(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {v}")
         return v
 
     return conv
+
+
+def _positive(name: str):
+    return _int_at_least(name, 1)
 
 
 def _non_negative(name: str):
-    def conv(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-
-    return conv
+    return _int_at_least(name, 0)
 
 
 def _finite_positive(name: str):
@@ -365,10 +368,7 @@ def _cmd_eval_long(args: argparse.Namespace, catalog: dict) -> int:
         methods = resolve_methods(names, catalog)
     except ValueError as exc:
         raise CLIError(f"--methods: {exc}") from None
-    try:
-        contexts = tuple(int(c) for c in str(args.contexts).split(",") if c.strip())
-    except ValueError:
-        raise CLIError(f"--contexts: comma-separated token counts, got {args.contexts!r}") from None
+    contexts = _lengths(args.contexts)
     if not contexts or min(contexts) < 256:
         raise CLIError("--contexts: give one or more lengths of at least 256 tokens")
     settings = LongSettings(contexts=contexts)
@@ -401,10 +401,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.generate:
         from . import genbench
 
-        try:
-            contexts = tuple(int(c) for c in args.contexts.split(",") if c.strip())
-        except ValueError:
-            raise CLIError(f"--contexts: comma-separated token counts, got {args.contexts!r}") from None
+        contexts = _lengths(args.contexts)
         caches = tuple(c for c in args.caches.split(",") if c)
         bad = [c for c in caches if c not in genbench.CACHES]
         if bad or not caches:

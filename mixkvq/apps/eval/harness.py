@@ -147,20 +147,25 @@ def stream(model: Any, cache: Any, ids: torch.Tensor, context_len: int, *,
 
 @torch.no_grad()
 def continue_stream(model: Any, cache: Any, ids: torch.Tensor, start: int, *,
-                    chunk_period: int | None = 1) -> tuple[torch.Tensor, list[float]]:
+                    chunk_period: int | None = 1, timed: int = 0) -> tuple[torch.Tensor, list[float]]:
     """Feed ``ids[:, start:-1]`` to a cache that already holds ``ids[:, :start]`` (chunked as in
-    :func:`stream`); returns the log-probs ``(T - 1 - start, V)`` of the predictions for tokens
-    ``start + 1..`` and the step times (token by token only)."""
+    :func:`stream`; the first ``timed`` tokens one at a time before the chunks); returns the
+    log-probs ``(T - 1 - start, V)`` of the predictions for tokens ``start + 1..`` and the
+    times of the single-token steps (every step when ``chunk_period=1``, else the ``timed``)."""
     kw = cache_argument(model)
     T = ids.shape[1]
     logps: list[torch.Tensor] = []
     times = []
     t = start
     while t < T - 1:
-        end = T - 1 if chunk_period is None else min(T - 1, (t // chunk_period + 1) * chunk_period)
+        single = len(times) < timed
+        if single:
+            end = t + 1
+        else:
+            end = T - 1 if chunk_period is None else min(T - 1, (t // chunk_period + 1) * chunk_period)
         t0 = time.perf_counter()
         out = model(input_ids=ids[:, t:end], use_cache=True, **{kw: cache})
-        if chunk_period == 1:
+        if chunk_period == 1 or single:
             times.append(time.perf_counter() - t0)
         logps.extend(torch.log_softmax(out.logits[0].float(), -1).unbind(0))
         t = end

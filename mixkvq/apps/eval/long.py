@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mixkvq.integrations.transformers import MixKVQCache, cache_argument, enable
+from mixkvq.integrations.transformers import MixKVQCache, enable
 
-from .harness import capture_qkv
+from .harness import capture_qkv, continue_stream
 from .methods import Method, MethodUnavailable, build_cache, builtin_methods, cache_stats, resolve_methods
 
 CONTEXTS = (2048, 4096, 8192)
@@ -80,29 +79,6 @@ def _fill(cache: Any, captured: dict[int, tuple[torch.Tensor, torch.Tensor, torc
     from mixkvq.integrations import transformers as integ
 
     integ._PENDING.set(None)  # nothing waits for queries: they were handed over above
-
-
-@torch.no_grad()
-def _continue(model: Any, cache: Any, ids: torch.Tensor, start: int, period: "int | None",
-              timed: int = 0) -> tuple[torch.Tensor, list[float]]:
-    """Feed ``ids[:, start:-1]`` to a cache holding ``ids[:, :start]``: the first ``timed``
-    tokens one at a time (timed), the rest in chunks ending at multiples of ``period``.
-    Returns log-probs ``(T - 1 - start, V)`` of the predictions of tokens ``start + 1..``."""
-    kw = cache_argument(model)
-    T = ids.shape[1]
-    out, times, t = [], [], start
-    while t < T - 1:
-        if timed and len(times) < timed:
-            end = t + 1
-        else:
-            end = T - 1 if period is None else min(T - 1, (t // period + 1) * period)
-        t0 = time.perf_counter()
-        logits = model(input_ids=ids[:, t:end], use_cache=True, **{kw: cache}).logits
-        if end == t + 1 and len(times) < timed:
-            times.append(time.perf_counter() - t0)
-        out.extend(torch.log_softmax(logits[0].float(), -1).unbind(0))
-        t = end
-    return torch.stack(out), times
 
 
 def _tokens(tokenizer: Any, docs: list[str], n: int, start: int) -> list[int]:
@@ -156,7 +132,9 @@ def run_long(model: Any, tokenizer: Any, docs: list[str], methods: list[Method],
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 _fill(cache, captured)
-                rest, times = _continue(model, cache, ids, start, method.exact_chunk_period, settings.timed_steps)
+                rest, times = continue_stream(model, cache, ids, start, chunk_period=method.exact_chunk_period,
+                                              timed=settings.timed_steps)
+                times = times[: settings.timed_steps]  # a token-by-token method times every step
             logp = torch.cat([first[None], rest])
             nll = float(-logp.gather(1, targets[:, None]).mean())
             stats = cache_stats(cache)
@@ -171,7 +149,7 @@ def run_long(model: Any, tokenizer: Any, docs: list[str], methods: list[Method],
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     _fill(cache, cap)
-                    rest, _ = _continue(model, cache, rid, prompt_len, method.exact_chunk_period)
+                    rest, _ = continue_stream(model, cache, rid, prompt_len, chunk_period=method.exact_chunk_period)
                 del cache
                 pred = torch.cat([f[None], rest]).argmax(-1)
                 hit = (pred == rid[0, prompt_len:]).float()

@@ -190,16 +190,27 @@ def flush(state: CacheState, config: "MixKVQConfig", backend: "Backend") -> Cach
         if not sliding:
             chunks.append(layout.encode_values(backend, vblk, bits=value_bits))
             res_v = res_v[:, :, R:]
+    values_moved = len(chunks) != len(s.value_rows)
     if sliding and res_v is not None:
         excess = int(res_v.shape[2]) - R
         if excess > 0:
-            chunks.append(layout.encode_values(backend, res_v[:, :, :excess]))
+            rows = layout.encode_values(backend, res_v[:, :, :excess])
+            if chunks and chunks[-1].n_tokens < R:
+                # The newest chunk stays open until it holds R tokens: a decode step then costs
+                # one bounded copy, and a stream of n tokens holds about n / R chunks, not n.
+                # Per-token quantization makes the merged bytes those of separate chunks.
+                last = chunks[-1]
+                rows = ValueRows(*(backend.concat([a, b], 2) for a, b in zip(last.arrays(), rows.arrays())), last.bits)
+                chunks[-1] = rows
+            else:
+                chunks.append(rows)
             res_v = res_v[:, :, excess:]
-    if len(blocks) == len(s.key_blocks) and len(chunks) == len(s.value_rows):
+            values_moved = True
+    if len(blocks) == len(s.key_blocks) and not values_moved:
         return state
     storage = Storage(tuple(blocks), tuple(chunks),
                       _own(backend, res_k) if len(blocks) != len(s.key_blocks) else res_k,
-                      _own(backend, res_v) if len(chunks) != len(s.value_rows) else res_v, s.freed)
+                      _own(backend, res_v) if values_moved else res_v, s.freed)
     return replace(state, storage=storage, stats=replace(stats, snapshots=snapshots))
 
 

@@ -129,6 +129,24 @@ def test_sliding_value_window_keeps_last_r_values_exact():
     assert cache.residual[1].shape[2] == 32 and cache.residual[0].shape[2] == 70 - 64
 
 
+def test_sliding_value_window_decode_keeps_about_one_chunk_per_block():
+    """Token-by-token decoding in sliding mode merges the quantized value rows into the newest
+    chunk until it holds R tokens: O(n / R) chunks (bounded work per step), same bytes as one
+    append."""
+    k, v, q = stream(T=200)
+    cfg = small_config(value_window="sliding")
+    one = KVCache(cfg)
+    one.append(k, v, queries=q)
+    step = KVCache(cfg)
+    step.append(k[:, :, :40], v[:, :, :40], queries=q[:, :, :40])
+    for t in range(40, 200):
+        step.append(k[:, :, t:t + 1], v[:, :, t:t + 1], queries=q[:, :, t:t + 1])
+        sizes = [r.n_tokens for r in step.value_rows]
+        assert all(n >= 32 for n in sizes[:-1]) and len(sizes) <= (t + 1) // 32 + 1
+    assert sum(sizes) == 200 - 32 and len(sizes) == 6
+    assert stored_bytes(step) == stored_bytes(one)
+
+
 def test_keys_wait_for_queries_and_warn_when_none_come():
     k, v, _ = stream(T=100)
     cache = KVCache(small_config())

@@ -115,6 +115,7 @@ class MixKVQConfig:
                 f"({self.group_size}), so every key block holds whole groups; "
                 f"try residual_length={self.group_size * max(1, round(self.residual_length / self.group_size))}"
             )
+        self.check_feasible()
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -144,9 +145,9 @@ class MixKVQConfig:
 
     def check_feasible(self) -> None:
         """Raise ValueError if no head size can be stored under this config: for ``tier_mode='rd'``,
-        an ``rd_bits`` below the cheapest block whatever head_dim is (the head_dim-dependent
-        check runs at the first append). Construction does not call it, so a catalog of
-        configs may hold rows that are only unusable with some block sizes."""
+        an ``rd_bits`` below the cheapest block whatever head_dim is. Construction runs it, so
+        such a config never exists; the head_dim-dependent check runs at the first append,
+        when the head size is known."""
         if isinstance(self.keys, RateDistortionKeys):
             self.keys.check_budget(self.residual_length, self.group_size, ITEMSIZE[self.meta_dtype])
 

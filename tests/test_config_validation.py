@@ -95,13 +95,16 @@ def test_rd_floor_is_a_lower_bound_of_every_head_size():
         assert CostModel(R, G, 4 * G, meta).min_block_bits(2, 2) == pytest.approx(floor)
 
 
-def test_infeasible_rd_budget_in_a_config_file_is_rejected_when_loaded(tmp_path):
+def test_infeasible_rd_budget_is_rejected_at_construction(tmp_path):
     path = _file(tmp_path, tier_mode="rd", rd_bits=3.0, group_size=8, residual_length=32, value_window="block")
     with pytest.raises(ValueError, match=r"rd_bits=3.0 is below the cheapest allocation of any block.*raise rd_bits to 6.125"):
         MixKVQConfig.load(path)
-    cfg = MixKVQConfig(tier_mode="rd", rd_bits=3.0, group_size=8, residual_length=32)
     with pytest.raises(ValueError, match="whatever head_dim is"):
-        cfg.check_feasible()
+        MixKVQConfig(tier_mode="rd", rd_bits=3.0, group_size=8, residual_length=32)
+    with pytest.raises(ValueError, match="whatever head_dim is"):
+        MixKVQConfig(tier_mode="rd", rd_bits=6.125, group_size=8, residual_length=32).replace(rd_bits=6.0)
+    with pytest.raises(ValueError, match="whatever head_dim is"):
+        MixKVQConfig.from_dict({"tier_mode": "rd", "rd_bits": 3.0, "group_size": 8, "residual_length": 32})
     MixKVQConfig(tier_mode="rd", rd_bits=6.125, group_size=8, residual_length=32).check_feasible()
     MixKVQConfig().check_feasible()  # not rd: nothing to check
 

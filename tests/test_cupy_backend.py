@@ -214,11 +214,13 @@ CONFIGS = st.fixed_dictionaries({
 @WHERE
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=CONFIGS, B=st.integers(1, 2), H=st.integers(1, 2), n_rep=st.sampled_from([1, 2, 4]),
-       D=st.sampled_from([8, 20, 32, 64, 128]), extra=st.integers(0, 40), Tq=st.sampled_from([1, 2, 5]),
-       causal=st.booleans(), seed=st.integers(0, 2**32 - 1), split=st.sampled_from([32, 64, None]))
-def test_cache_and_fused_attention(where, c, B, H, n_rep, D, extra, Tq, causal, seed, split):
+       D=st.sampled_from([8, 20, 32, 64, 128, 200, 256]), extra=st.integers(0, 40), Tq=st.sampled_from([1, 2, 5]),
+       causal=st.booleans(), seed=st.integers(0, 2**32 - 1), split=st.sampled_from([32, 64, None]),
+       masking=st.sampled_from(["none", "window", "softcap", "padding", "all"]))
+def test_cache_and_fused_attention(where, c, B, H, n_rep, D, extra, Tq, causal, seed, split, masking):
     """A whole streaming cache on the kernels stores the simulator's bytes; the fused
-    attention over it agrees with the float64 reference within the stated bound."""
+    attention over it (heads up to 256 channels, padding masks, sliding windows and
+    soft-capping in the kernel) agrees with the float64 reference within the stated bound."""
     R = c["group"] * 2
     rd = {}
     if c["tier_mode"] == "rd":  # per-block key widths and value width; needs salience and block values
@@ -244,8 +246,17 @@ def test_cache_and_fused_attention(where, c, B, H, n_rep, D, extra, Tq, causal, 
     for g, w in zip(got_arrays, want_arrays):
         assert same_bits(g, w)
     qq = rng.standard_normal((B, H * n_rep, Tq, D)).astype(np.float32)
-    want = ref.attention(qq, causal=causal)
-    got = mine.attention(qq, causal=causal)
+    kw: dict = {}
+    if masking in ("window", "all"):
+        kw["window"] = int(rng.integers(1, T + 1))
+    if masking in ("softcap", "all"):
+        kw["softcap"] = float(rng.uniform(0.5, 30.0))
+    if masking in ("padding", "all"):  # left padding of a random length per row, plus random holes
+        m = rng.random((B, Tq, T)) > 0.2
+        m[:, :, : int(rng.integers(0, T // 2 + 1))] = False
+        kw["mask"] = m
+    want = ref.attention(qq, causal=causal, **kw)
+    got = mine.attention(qq, causal=causal, **kw)
     keys, values = ref.dequantized()
     tol = attention_tolerance(qq, keys, values, 1.0 / np.sqrt(D))
     got = _host(got)

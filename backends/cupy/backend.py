@@ -310,14 +310,15 @@ class _KernelBackend(BackendBase):
                   window: "int | None" = None, softcap: "float | None" = None, plan: dict | None = None) -> Any:
         """Fused decode attention: q ``(B, Hq, Tq, D)`` -> float32 ``(B, Hq, Tq, D)``, reading the
         packed key blocks, packed values and the residual directly (flash-decoding splits).
-        Padding masks, windows, soft-capping and head_dim > ATTN_MAXD are not in the kernel
-        yet: those calls take :func:`mixkvq.backend.reference_attention` (correct, slow)."""
+        ``mask``: bool ``(B, Tq, T)`` (True = may attend) or None; ``window``: sliding-window
+        size; ``softcap``: score soft-capping — all applied in the kernel. Heads wider than
+        ATTN_MAXD (256) take :func:`mixkvq.backend.reference_attention` (correct, slow)."""
         xp, cfg = self.xp, layout.config
         q32 = self._f32(q)
         B, Hq, Tq, D = (int(s) for s in q32.shape)
-        if D > K.ATTN_MAXD or mask is not None or window or softcap:
-            # not in the kernel yet: the history decoded by the format kernels, then the float64
-            # reference on the host — correct, slow, and it forms a dequantized copy
+        if D > K.ATTN_MAXD:
+            # beyond the kernel's register/shared-memory plan: the history decoded by the format
+            # kernels, then the float64 reference on the host — correct, slow, a dequantized copy
             return reference_attention(self, q32, storage, layout, scale=scale, causal=causal, mask=mask,
                                        window=window, softcap=softcap)
         tmpl = storage.residual_keys if storage.residual_keys is not None else storage.key_blocks[0].tier_map
@@ -335,8 +336,15 @@ class _KernelBackend(BackendBase):
         part_acc = xp.empty((n_splits, B, Hq, Tq, D), dtype=xp.float32)
         part_ml = xp.empty((n_splits, B, Hq, Tq, 2), dtype=xp.float32)
         high_kind = _KIND[cfg.high_dtype]
+        if mask is not None:
+            mask_u8 = xp.ascontiguousarray(xp.asarray(mask), dtype=xp.uint8)
+            if tuple(mask_u8.shape) != (B, Tq, T):
+                raise ValueError(f"mask has shape {tuple(mask_u8.shape)}; expected (B, Tq, T) = {(B, Tq, T)}")
+        else:
+            mask_u8 = xp.zeros(1, dtype=xp.uint8)
         self.launcher.launch("attn_split", (n_splits, B * H, nz), (K.ATTN_THREADS, 1, 1), [
             q32, _i32(B), _i32(H), _i32(n_rep), _i32(Tq), _i32(D), np.int64(T), np.float32(scale), _i32(int(causal)),
+            mask_u8, _i32(int(mask is not None)), np.int64(window or 0), np.float32(softcap or 0.0),
             _i32(p["nkb"]), _i32(p["R"]), _i32(cfg.group_size), _i32(_KIND[cfg.meta_dtype]), _i32(high_kind),
             p["tm"], p["row_index"], p["kptr"], p["res_k"], np.int64(p["nvq"]), p["vtok"],
             p["vchunk"], p["vptr"], p["res_v"], np.int64(split), part_acc, part_ml])

@@ -35,7 +35,7 @@ MODULES: dict[str, tuple[str, dict[str, str]]] = {
         "assign_threshold": "pqffiiip",
     }),
     "attention": ("attention.cu", {
-        "attn_split": "piiiiiqfiiiiiippppqppppqpp",
+        "attn_split": "piiiiiqfipiqfiiiiippppqppppqpp",
         "attn_combine": "ppiqip",
     }),
 }
@@ -47,7 +47,7 @@ CUDA_OPTIONS = ("--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=t
 #: Kernel geometry constants that attention.cu also defines (TILE, QROWS, MAXD).
 ATTN_TILE = 32
 ATTN_QROWS = 4
-ATTN_MAXD = 128
+ATTN_MAXD = 256
 ATTN_THREADS = 32 * ATTN_QROWS
 
 #: Threads per block of the element-wise kernels.

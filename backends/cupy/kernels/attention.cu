@@ -4,16 +4,20 @@
 // A block takes one KV head (GQA: its n_rep query heads share every K/V tile it loads),
 // up to QROWS = 4 query rows (one per warp) and the tokens [split*split_len, +split_len).
 // It walks them in tiles of 32 tokens: all threads dequantize the tile's keys (from the
-// tier rows of their key block, or the float32 residual) and values (per-token rows, or
-// the residual) into shared memory — never to global memory — then each warp scores its
-// query row (lane = token), updates its running max / sum with warp shuffles and folds
-// p * V into registers (lane owns channels lane, lane+32, ...). The partial (acc, m, l)
-// of each split go to global memory; attn_combine merges the splits.
+// tier rows of their key block, or the float32 residual) into shared memory — never to
+// global memory — DCH = 128 channels at a time (heads up to MAXD = 256 channels fit the
+// 48 KB of static shared memory that way); each warp scores its query row (lane = token,
+// the dot product summed over channels in order across the chunks), applies soft-capping,
+// the causal / sliding-window / padding masks, updates its running max / sum with warp
+// shuffles, then the tile's values (per-token rows, or the residual) are decoded chunk by
+// chunk and p * V folded into registers (lane owns channels lane, lane+32, ...). The
+// partial (acc, m, l) of each split go to global memory; attn_combine merges the splits.
 #include "mixkvq_common.cuh"
 
 #define TILE 32
 #define QROWS 4
-#define MAXD 128
+#define MAXD 256
+#define DCH 128
 #define ATTN_THREADS (32 * QROWS)
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -69,14 +73,17 @@ __device__ __forceinline__ float load_value(long long tok, int d, long long bh, 
 
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attn_split(const float* __restrict__ q, int B, int H, int n_rep, int Tq, int D, long long T, float scale, int causal,
+           const unsigned char* __restrict__ mask, int use_mask, long long window, float softcap,
            int nkb, int R, int G, int meta_kind, int high_kind, const unsigned char* __restrict__ tier_maps,
            const int* __restrict__ row_index, const unsigned long long* __restrict__ kptr,
            const float* __restrict__ res_k, long long nvq, const int* __restrict__ vtok_chunk,
            const long long* __restrict__ vchunk, const unsigned long long* __restrict__ vptr,
            const float* __restrict__ res_v, long long split_len, float* __restrict__ part_acc,
            float* __restrict__ part_ml) {
-    __shared__ float Ks[TILE][MAXD + 1];  // +1: lane t reads row t, so rows must not share a bank
-    __shared__ float Vs[TILE][MAXD];
+    // mask: uint8 (B, Tq, T), 1 = may attend (read when use_mask); window > 0 hides positions <= pos - window;
+    // softcap > 0 replaces each scaled score s by softcap * tanh(s / softcap)
+    __shared__ float Ks[TILE][DCH + 1];  // +1: lane t reads row t, so rows must not share a bank
+    __shared__ float Vs[TILE][DCH];
     __shared__ float Qs[QROWS][MAXD];
     __shared__ float Ps[QROWS][TILE];
 
@@ -95,6 +102,7 @@ attn_split(const float* __restrict__ q, int B, int H, int n_rep, int Tq, int D, 
     const long long pos = T - Tq + tq;  // this query's position
     const long long t0 = (long long)split * split_len;
     const long long t1 = min(T, t0 + split_len);
+    const unsigned char* mrow = use_mask ? mask + ((long long)b * Tq + tq) * T : nullptr;
 
     for (int d = lane; d < D; d += 32) Qs[warp][d] = active ? q[(((long long)b * Hq + hq) * Tq + tq) * D + d] : 0.0f;
 
@@ -103,25 +111,34 @@ attn_split(const float* __restrict__ q, int B, int H, int n_rep, int Tq, int D, 
     float m = NEG_INF, l = 0.0f;
 
     for (long long base = t0; base < t1; base += TILE) {
-        __syncthreads();  // the previous tile is consumed
-        for (int e = threadIdx.x; e < TILE * D; e += ATTN_THREADS) {
-            int t = e / D, d = e % D;
-            long long tok = base + t;
-            float kv = 0.0f, vv = 0.0f;
-            if (tok < t1) {
-                kv = load_key(tok, d, bh, D, BHD, nkb, R, G, meta_kind, high_kind, tier_maps, row_index, kptr, res_k, rk);
-                vv = load_value(tok, d, bh, D, G, meta_kind, nvq, vtok_chunk, vchunk, vptr, res_v, rv);
+        // a tile wholly outside every query's window is never decoded (block-uniform skip)
+        if (window > 0 && base + TILE - 1 <= T - Tq - window) continue;
+        // -- scores: keys decoded DCH channels at a time, the dot product summed in channel order --
+        float s = 0.0f;
+#pragma unroll
+        for (int ci = 0; ci < MAXD / DCH; ++ci) {
+            const int c0 = ci * DCH;
+            if (c0 >= D) break;  // block-uniform (D is an argument)
+            const int dc = min(DCH, D - c0);
+            __syncthreads();  // the previous chunk (or tile) is consumed
+            for (int e = threadIdx.x; e < TILE * dc; e += ATTN_THREADS) {
+                int t = e / dc, d = e % dc;
+                long long tok = base + t;
+                Ks[t][d] = tok < t1 ? load_key(tok, c0 + d, bh, D, BHD, nkb, R, G, meta_kind, high_kind, tier_maps,
+                                               row_index, kptr, res_k, rk)
+                                    : 0.0f;
             }
-            Ks[t][d] = kv;
-            Vs[t][d] = vv;
+            __syncthreads();
+            if (active)
+                for (int d = 0; d < dc; ++d) s = __fadd_rn(s, __fmul_rn(Qs[warp][c0 + d], Ks[lane][d]));
         }
-        __syncthreads();
+        float keep = 0.0f;
         if (active) {  // warp-uniform: the whole warp takes this branch or none of it
             long long tok = base + lane;
-            float s = 0.0f;
-            for (int d = 0; d < D; ++d) s = __fadd_rn(s, __fmul_rn(Qs[warp][d], Ks[lane][d]));
             s = __fmul_rn(s, scale);
-            if (tok >= t1 || (causal && tok > pos)) s = NEG_INF;
+            if (softcap > 0.0f) s = __fmul_rn(softcap, tanhf(__fdiv_rn(s, softcap)));
+            if (tok >= t1 || (causal && tok > pos) || (window > 0 && tok <= pos - window) || (mrow && !mrow[tok]))
+                s = NEG_INF;
             float m_new = fmaxf(m, warp_max(s));
             float p = 0.0f, alpha = 1.0f;
             if (m_new != NEG_INF) {
@@ -134,18 +151,35 @@ attn_split(const float* __restrict__ q, int B, int H, int n_rep, int Tq, int D, 
             // acc is kept as the weighted MEAN of the values seen (not their weighted sum), a
             // convex combination that cannot overflow even for values near the float32 limit
             float inv_l = l > 0.0f ? __fdiv_rn(1.0f, l) : 0.0f;
-            float keep = __fmul_rn(l_kept, inv_l);
+            keep = __fmul_rn(l_kept, inv_l);
             Ps[warp][lane] = __fmul_rn(p, inv_l);
-            __syncwarp();
-            for (int k = 0; k < MAXD / 32; ++k) {
-                int d = lane + 32 * k;
-                if (d < D) {
-                    float a = __fmul_rn(acc[k], keep);
-                    for (int t = 0; t < TILE; ++t) a = __fadd_rn(a, __fmul_rn(Ps[warp][t], Vs[t][d]));
-                    acc[k] = a;
+        }
+        // -- values, DCH channels at a time, folded into the running means --
+#pragma unroll
+        for (int ci = 0; ci < MAXD / DCH; ++ci) {  // unrolled, so acc[] is indexed by constants
+            const int c0 = ci * DCH;
+            if (c0 >= D) break;
+            const int dc = min(DCH, D - c0);
+            __syncthreads();  // Ks/Vs consumed, Ps written
+            for (int e = threadIdx.x; e < TILE * dc; e += ATTN_THREADS) {
+                int t = e / dc, d = e % dc;
+                long long tok = base + t;
+                Vs[t][d] = tok < t1 ? load_value(tok, c0 + d, bh, D, G, meta_kind, nvq, vtok_chunk, vchunk, vptr,
+                                                 res_v, rv)
+                                    : 0.0f;
+            }
+            __syncthreads();
+            if (active) {
+                for (int k = 0; k < DCH / 32; ++k) {
+                    int d = lane + 32 * k;
+                    if (d < dc) {
+                        int ka = ci * (DCH / 32) + k;
+                        float a = __fmul_rn(acc[ka], keep);
+                        for (int t = 0; t < TILE; ++t) a = __fadd_rn(a, __fmul_rn(Ps[warp][t], Vs[t][d]));
+                        acc[ka] = a;
+                    }
                 }
             }
-            __syncwarp();
         }
     }
     if (active) {

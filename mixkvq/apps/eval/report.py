@@ -45,8 +45,21 @@ def continuations_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _json_ready(x: Any) -> Any:
+    """``x`` with every non-finite float as None: JSON has no NaN, and a NaN here means "not
+    defined" (e.g. the block bits of a cache that quantizes nothing)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    return x
+
+
 def save_json(results: dict[str, Any], path: "str | Path") -> None:
-    Path(path).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    """Strict JSON (non-finite floats written as null)."""
+    Path(path).write_text(json.dumps(_json_ready(results), indent=2, allow_nan=False) + "\n")
 
 
 def _color(name: str) -> tuple[str, str]:

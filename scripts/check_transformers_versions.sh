@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Check the transformers integration against a list of transformers versions.
 #
-# For every version a venv is created under $VENV_ROOT (default /work/venvs) with the
+# For every version a venv is created under $VENV_ROOT (default ~/.cache/mixkvq/venvs) with the
 # current environment's packages visible (--system-site-packages: torch, gguf, accelerate,
 # and mixkvq installed editable from this checkout), transformers==VERSION is installed
 # into it, and the integration tests run from the repository root.
@@ -16,7 +16,7 @@ set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
-VENV_ROOT=${VENV_ROOT:-/work/venvs}
+VENV_ROOT=${VENV_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/mixkvq/venvs}
 QUICK=0
 VERSIONS=()
 for a in "$@"; do

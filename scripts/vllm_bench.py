@@ -2,7 +2,7 @@
 
 Run in the vLLM environment (bash scripts/vllm_env.sh):
     VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
-        /work/venvs/vllm/bin/python scripts/vllm_bench.py [--quick] [-o vllm-bench.json]
+        ~/.cache/mixkvq/vllm-venv/bin/python scripts/vllm_bench.py [--quick] [-o vllm-bench.json]
 
 Each engine runs in its own process (the plugin choice is made when vLLM's processes start);
 about 6-10 minutes on 2 cores (--quick: fewer, shorter requests).

@@ -6,7 +6,7 @@
 #   bash scripts/vllm_env.sh --model    # only (re)export the model folder
 #
 # Environment:
-#   MIXKVQ_VLLM_VENV   the venv to create            (default /work/venvs/vllm)
+#   MIXKVQ_VLLM_VENV   the venv to create            (default ~/.cache/mixkvq/vllm-venv)
 #   MIXKVQ_VLLM_MODEL  the model folder to write     (default ~/.cache/mixkvq/smollm2-hf)
 #   MAIN_PYTHON        a python with transformers+gguf for the export (default: python3 on PATH;
 #                      the vLLM venv is used when that one lacks them)
@@ -16,14 +16,15 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${MIXKVQ_VLLM_VENV:-/work/venvs/vllm}"
-MODEL_DIR="${MIXKVQ_VLLM_MODEL:-$HOME/.cache/mixkvq/smollm2-hf}"
+VENV="${MIXKVQ_VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mixkvq/vllm-venv}"
+MODEL_DIR="${MIXKVQ_VLLM_MODEL:-${XDG_CACHE_HOME:-$HOME/.cache}/mixkvq/smollm2-hf}"
 MAIN_PYTHON="${MAIN_PYTHON:-python3}"
 VLLM_VERSION="0.32.0"
 TORCH_VERSION="2.13.0"
 
 build_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
+        mkdir -p "$(dirname "$VENV")"
         python3 -m venv "$VENV"
     fi
     local PY="$VENV/bin/python"
@@ -76,4 +77,4 @@ if [ "${1:-}" = "--model" ] || [ ! -f "$MODEL_DIR/config.json" ]; then
     export_model
 fi
 echo "vLLM env: $VENV   model: $MODEL_DIR"
-echo "run: VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 $VENV/bin/python -m pytest -q tests/test_vllm.py"
+echo "tests: bash scripts/test_vllm.sh   (or MIXKVQ_VLLM_MODEL=$MODEL_DIR $VENV/bin/python -m pytest -q tests/test_vllm.py)"

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = Path(os.environ.get("MIXKVQ_VLLM_MODEL", str(Path.home() / ".cache/mixkvq/smollm2-hf")))
+DEFAULT_MODEL = Path(os.environ.get("MIXKVQ_VLLM_MODEL") or
+                     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mixkvq/smollm2-hf")
 KV_BYTES = 1 << 28  # 256 MiB of KV cache: small and the same for every engine
 
 

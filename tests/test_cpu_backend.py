@@ -107,3 +107,26 @@ def test_sliding_window_and_softcap_match_the_reference(backend, window, softcap
     assert np.abs(out.numpy() - want).max() < 3e-5
     with pytest.raises(ValueError, match="window must be"):
         cache.attention(qq, window=0)
+
+
+def test_attention_batch_equals_each_sequence_alone():
+    """Several sequences of different lengths (blocks + residual, residual only, GQA) in one
+    native call: each output is bit-identical to that sequence's own attention call."""
+    be = get_backend("cpu")
+    cfg = MixKVQConfig(group_size=8, residual_length=16, policy="key_only")
+    rng = np.random.default_rng(3)
+    caches, queries = [], []
+    for T, Tq in ((5, 1), (16, 1), (40, 3), (87, 1), (130, 2)):
+        k, v = (torch.from_numpy(rng.standard_normal((1, 2, T, 32)).astype(np.float32)) for _ in range(2))
+        c = KVCache(cfg, backend="cpu")
+        c.append(k, v)
+        caches.append(c)
+        queries.append(torch.from_numpy(rng.standard_normal((1, 4, Tq, 32)).astype(np.float32)))
+    layout = caches[0].layout
+    scale = 32 ** -0.5
+    batched = be.attention_batch(queries, [c.state.storage for c in caches], layout, scale=scale)
+    for q, c, got in zip(queries, caches, batched):
+        alone = be.attention(q, c.state.storage, layout, scale=scale, causal=True)
+        assert torch.equal(got, alone)
+    with pytest.raises(ValueError, match="one sequence per entry"):
+        be.attention_batch([torch.zeros(2, 4, 1, 32)], [caches[0].state.storage], layout, scale=scale)

@@ -32,7 +32,7 @@ SOURCE = "mixkvq_cpu.cpp"
 #: lets rintf inline; it changes no result). -march=native: AVX2 / AVX-512 where present.
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno",
              "-fopenmp", "-fPIC", "-shared")
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _P, _I, _Q, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
 _SIGNATURES = {
@@ -43,7 +43,10 @@ _SIGNATURES = {
     "mkq_encode_key_block": [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _I],
     "mkq_attention": [_P, _I, _I, _I, _I, _I, _Q, _F, _I, _P, _Q, _F, _I, _I, _I, _I, _I, _P, _P, _P, _I, _Q, _I, _P, _P,
                       _P, _I, _Q, _P, _I, _I],
+    "mkq_attention_batch": [_I, _P, _I, _I, _I, _F, _Q, _F, _I, _I, _I, _I, _I, _I, _I],
 }
+#: columns of one request's row in ``mkq_attention_batch``'s table (see the C++ declaration)
+BATCH_COLUMNS = ("q", "out", "Tq", "T", "nkb", "tier_maps", "kptr", "res_k", "rk", "nvc", "vchunk", "vptr", "res_v", "rv")
 _LIB: Any = None
 _LIB_LOCK = threading.Lock()
 _KIND_OF_TORCH = {torch.float32: DTYPE_KIND["float32"], torch.float16: DTYPE_KIND["float16"],
@@ -238,22 +241,18 @@ class CpuBackend(TorchBackend):
         self._memo[key] = (weakref.ref(obj, lambda _, key=key: self._memo.pop(key, None)), first, table, held)
         return first, table
 
-    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, mask: Any = None,
-                  window: "int | None" = None, softcap: "float | None" = None) -> torch.Tensor:
-        """Fused decode attention straight from the packed storage (docs/cpu.md): q
-        ``(B, Hq, Tq, D)`` -> float32; ``mask`` bool ``(B, Tq, T)`` (True = may attend) or None;
-        ``window``: sliding-window size; ``softcap``: score soft-capping."""
+    def _storage_tables(self, storage: Any, layout: Any, keep: list) -> dict[str, Any]:
+        """The native kernel's view of one storage: per key block the tier map and the tier rows'
+        pointers, per value chunk (start, n, bits) and its pointers, and the residuals. Arrays
+        made contiguous are appended to ``keep`` (they must outlive the call)."""
         cfg = layout.config
-        q32 = to_float32(self.from_any(q)).contiguous()
-        B, Hq, Tq, D = (int(s) for s in q32.shape)
-        blocks = storage.key_blocks
-        keep: list[torch.Tensor] = []
 
         def contig(t: torch.Tensor) -> torch.Tensor:
             t = t.contiguous()
             keep.append(t)
             return t
 
+        blocks = storage.key_blocks
         nkb = len(blocks)
         R = int(cfg.residual_length)
         tier_ptrs = (ctypes.c_void_p * max(1, nkb))()
@@ -285,6 +284,21 @@ class CpuBackend(TorchBackend):
         T = nkb * R + rk
         if T != start + rv:
             raise ValueError(f"cache storage holds {T} key tokens but {start + rv} value tokens")
+        keep.extend((tier_ptrs, kptr, vchunk, vptr))
+        return dict(nkb=nkb, R=R, H=H, T=T, tier_ptrs=tier_ptrs, kptr=kptr, nvc=nvc, vchunk=vchunk, vptr=vptr,
+                    rk_ptr=rk_ptr, rk_kind=rk_kind, rk=rk, rv_ptr=rv_ptr, rv_kind=rv_kind, rv=rv)
+
+    def attention(self, q: Any, storage: Any, layout: Any, *, scale: float, causal: bool, mask: Any = None,
+                  window: "int | None" = None, softcap: "float | None" = None) -> torch.Tensor:
+        """Fused decode attention straight from the packed storage (docs/cpu.md): q
+        ``(B, Hq, Tq, D)`` -> float32; ``mask`` bool ``(B, Tq, T)`` (True = may attend) or None;
+        ``window``: sliding-window size; ``softcap``: score soft-capping."""
+        cfg = layout.config
+        q32 = to_float32(self.from_any(q)).contiguous()
+        B, Hq, Tq, D = (int(s) for s in q32.shape)
+        keep: list[Any] = []
+        t = self._storage_tables(storage, layout, keep)
+        nkb, R, H, T = t["nkb"], t["R"], t["H"], t["T"]
         mask_ptr = None
         if mask is not None:
             m = self.from_any(mask).to(torch.uint8).contiguous()
@@ -295,7 +309,49 @@ class CpuBackend(TorchBackend):
         out = torch.empty((B, Hq, Tq, D), dtype=torch.float32)
         self.lib.mkq_attention(q32.data_ptr(), B, H, Hq // H, Tq, D, T, float(scale), int(bool(causal)), mask_ptr,
                                int(window or 0), float(softcap or 0.0), nkb, R, cfg.group_size, DTYPE_KIND[cfg.meta_dtype], DTYPE_KIND[cfg.high_dtype],
-                               tier_ptrs, kptr, rk_ptr, rk_kind, rk, nvc, vchunk.ctypes.data, vptr, rv_ptr, rv_kind,
-                               rv, out.data_ptr(), self._threads(), 0)
+                               t["tier_ptrs"], t["kptr"], t["rk_ptr"], t["rk_kind"], t["rk"], t["nvc"],
+                               t["vchunk"].ctypes.data, t["vptr"], t["rv_ptr"], t["rv_kind"], t["rv"], out.data_ptr(),
+                               self._threads(), 0)
         del keep
         return out
+
+    def attention_batch(self, queries: "list[Any]", storages: "list[Any]", layout: Any, *, scale: float) -> list[torch.Tensor]:
+        """Causal decode attention of several independent sequences in ONE native call (one
+        parallel region over sequences x heads x token splits): ``queries[i]`` ``(1, Hq, Tq_i, D)``
+        against ``storages[i]`` (batch 1, any length; one ``layout`` for all) -> float32 outputs
+        of the queries' shapes, each bit-identical to :meth:`attention` of that sequence alone.
+        What a serving engine needs for a step of many requests (the vLLM backend calls the
+        same kernel entry with its paged tables)."""
+        if len(queries) != len(storages):
+            raise ValueError(f"{len(queries)} queries for {len(storages)} storages")
+        cfg = layout.config
+        keep: list[Any] = []
+        rows, outs, kinds, geometry = [], [], set(), set()
+        for i, (q, storage) in enumerate(zip(queries, storages)):
+            q32 = to_float32(self.from_any(q)).contiguous()
+            B, Hq, Tq, D = (int(x) for x in q32.shape)
+            if B != 1:
+                raise ValueError(f"queries[{i}] has batch {B}; attention_batch takes one sequence per entry")
+            t = self._storage_tables(storage, layout, keep)
+            geometry.add((t["H"], Hq, D))
+            kinds.update(k for k, n in ((t["rk_kind"], t["rk"]), (t["rv_kind"], t["rv"])) if n)
+            out = torch.empty((1, Hq, Tq, D), dtype=torch.float32)
+            keep.append(q32)
+            outs.append(out)
+            rows.append([q32.data_ptr(), out.data_ptr(), Tq, t["T"], t["nkb"], ctypes.addressof(t["tier_ptrs"]),
+                         ctypes.addressof(t["kptr"]), t["rk_ptr"] or 0, t["rk"], t["nvc"], t["vchunk"].ctypes.data,
+                         ctypes.addressof(t["vptr"]), t["rv_ptr"] or 0, t["rv"]])
+        if not rows:
+            return []
+        if len(geometry) != 1:
+            raise ValueError(f"attention_batch needs one (kv_heads, query_heads, head_dim) for all entries; got {sorted(geometry)}")
+        if len(kinds) > 1:
+            raise ValueError("attention_batch needs every entry's residual in one dtype")
+        H, Hq, D = geometry.pop()
+        table = np.array(rows, dtype=np.int64)
+        self.lib.mkq_attention_batch(len(rows), table.ctypes.data, H, Hq // H, D, float(scale), 0, 0.0,
+                                     int(cfg.residual_length), cfg.group_size, DTYPE_KIND[cfg.meta_dtype],
+                                     DTYPE_KIND[cfg.high_dtype], kinds.pop() if kinds else DTYPE_KIND["float32"],
+                                     self._threads(), 0)
+        del keep
+        return outs

@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <vector>
 
 typedef long long i64;
@@ -244,7 +245,7 @@ static inline int threads_for(int n_threads, i64 work) {
 
 extern "C" {
 
-int mkq_abi_version() { return 1; }
+int mkq_abi_version() { return 2; }
 
 // §3 + §5 along the last axis: x (rows, n) of in_kind -> packed (rows, rb), scale/zero
 // (rows, ng) stored as meta_kind. bad[0] / bad[1]: first flat (row*ng + j) group with a
@@ -601,6 +602,128 @@ void attend_range(const AttnArgs& a, const int* row_index, i64 bh, i64 t0, i64 t
     }
 }
 
+// The attention of n_req independent problems (one per request of a serving batch, or one
+// call) in one parallel region: per problem the same split plan as a call of its own, so a
+// problem's result does not depend on its batch mates or on the thread count.
+void attention_core(const AttnArgs* reqs, float* const* outs, int n_req, int n_threads, int split_blocks) {
+    if (n_threads < 1) n_threads = 1;
+    // row of each channel within its width, per block (tier maps are in (b, h, d) order)
+    // buffers reused across calls (thread_local: two Python threads may attend at once);
+    // every element is written before it is read, so they are never cleared
+    thread_local std::vector<int> row_index;
+    thread_local std::vector<float> part_acc, part_ml;
+    thread_local std::vector<i64> ri_off, task_off, acc_off, ml_off, nsplit, per_of, blk_req;
+    ri_off.assign(n_req + 1, 0);
+    task_off.assign(n_req + 1, 0);
+    acc_off.assign(n_req + 1, 0);
+    ml_off.assign(n_req + 1, 0);
+    nsplit.assign(n_req, 0);
+    per_of.assign(n_req, 0);
+    i64 n_blocks = 0;
+    const i64 ATTN_TASKS = 64;
+    for (int r = 0; r < n_req; ++r) {
+        const AttnArgs& a = reqs[r];
+        const i64 BH = (i64)a.B * a.H;
+        ri_off[r + 1] = ri_off[r] + (i64)a.nkb * BH * a.D;
+        n_blocks += a.nkb;
+        // token splits: whole key blocks, then the residual. The plan aims at ATTN_TASKS tasks
+        // whatever the thread count (enough to balance up to 16 threads), so the result does not
+        // depend on how many threads run it.
+        const int seg = a.R > 0 ? a.R : 128;
+        const i64 nseg = (a.T + seg - 1) / seg;
+        i64 per = split_blocks > 0 ? split_blocks : (nseg * BH + ATTN_TASKS - 1) / ATTN_TASKS;
+        if (per < 1) per = 1;
+        per_of[r] = per;
+        nsplit[r] = (nseg + per - 1) / per;
+        const i64 tasks = BH * nsplit[r];
+        const int NR = a.n_rep * a.Tq;
+        task_off[r + 1] = task_off[r] + tasks;
+        acc_off[r + 1] = acc_off[r] + tasks * NR * a.D;
+        ml_off[r + 1] = ml_off[r] + tasks * NR * 2;
+    }
+    if (row_index.size() < (size_t)ri_off[n_req]) row_index.resize((size_t)ri_off[n_req]);
+    if (part_acc.size() < (size_t)acc_off[n_req]) part_acc.resize((size_t)acc_off[n_req]);
+    if (part_ml.size() < (size_t)ml_off[n_req]) part_ml.resize((size_t)ml_off[n_req]);
+    blk_req.resize((size_t)n_blocks);
+    for (int r = 0, k = 0; r < n_req; ++r)
+        for (int j = 0; j < reqs[r].nkb; ++j) blk_req[k++] = ((i64)r << 32) | j;
+    // (inside a parallel region a thread_local name is the worker's own: pass pointers)
+    int* const rows_of = row_index.data();
+    float* const pacc = part_acc.data();
+    float* const pml = part_ml.data();
+    const i64* const bq = blk_req.data();
+    const i64* const ri0 = ri_off.data();
+    const i64* const to = task_off.data();
+    const i64* const ao = acc_off.data();
+    const i64* const mo = ml_off.data();
+    const i64* const ns = nsplit.data();
+    const i64* const po = per_of.data();
+#pragma omp parallel for num_threads(threads_for(n_threads, n_blocks)) schedule(static)
+    for (i64 k = 0; k < n_blocks; ++k) {
+        const int r = (int)(bq[k] >> 32), j = (int)(bq[k] & 0xffffffff);
+        const AttnArgs& a = reqs[r];
+        const i64 BHD = (i64)a.B * a.H * a.D;
+        int count[MIXKVQ_TIER_SLOTS] = {0};
+        const u8* tm = a.tier_maps[j];
+        int* ri = rows_of + ri0[r] + (i64)j * BHD;
+        for (i64 c = 0; c < BHD; ++c) ri[c] = count[tm[c]]++;
+    }
+    const i64 all_tasks = to[n_req];
+#pragma omp parallel for num_threads(threads_for(n_threads, all_tasks)) schedule(dynamic, 1)
+    for (i64 task = 0; task < all_tasks; ++task) {
+        const int r = (int)(std::upper_bound(to, to + n_req + 1, task) - to) - 1;
+        const AttnArgs& a = reqs[r];
+        const int NR = a.n_rep * a.Tq;
+        const int seg = a.R > 0 ? a.R : 128;
+        const i64 local = task - to[r];
+        const i64 bh = local / ns[r], sp = local % ns[r];
+        const i64 span = po[r] * seg;
+        const i64 t0 = sp * span, t1 = (sp + 1) * span < a.T ? (sp + 1) * span : a.T;
+        attend_range(a, rows_of + ri0[r], bh, t0, t1, pacc + ao[r] + local * NR * a.D, pml + mo[r] + local * NR * 2);
+    }
+    // merge the splits (flash-decoding): weights l_s e^(m_s - M) / sum, acc_s weighted means
+    thread_local std::vector<i64> bh_off;
+    bh_off.assign(n_req + 1, 0);
+    for (int r = 0; r < n_req; ++r) bh_off[r + 1] = bh_off[r] + (i64)reqs[r].B * reqs[r].H;
+    const i64* const bo = bh_off.data();
+    const i64 all_bh = bo[n_req];
+#pragma omp parallel for num_threads(threads_for(n_threads, all_bh)) schedule(static)
+    for (i64 k = 0; k < all_bh; ++k) {
+        const int rq = (int)(std::upper_bound(bo, bo + n_req + 1, k) - bo) - 1;
+        const AttnArgs& a = reqs[rq];
+        const i64 bh = k - bo[rq], n_splits = ns[rq];
+        const int H = a.H, n_rep = a.n_rep, Tq = a.Tq, D = a.D, Hq = H * n_rep, NR = n_rep * Tq;
+        const float* pa = pacc + ao[rq];
+        const float* pm = pml + mo[rq];
+        float* out = outs[rq];
+        int b = (int)(bh / H), h = (int)(bh % H);
+        for (int r = 0; r < NR; ++r) {
+            int rep = r / Tq, tq = r % Tq;
+            float* o = out + (((i64)b * Hq + h * n_rep + rep) * Tq + tq) * D;
+            float M = NEG_INF;
+            for (i64 s = 0; s < n_splits; ++s) {
+                float ms = pm[((size_t)(bh * n_splits + s) * NR + r) * 2];
+                M = ms > M ? ms : M;
+            }
+            for (int d = 0; d < D; ++d) o[d] = 0.0f;
+            if (M == NEG_INF) continue;  // sees no token
+            float den = 0.0f;
+            for (i64 s = 0; s < n_splits; ++s) {
+                const float* ml = pm + ((size_t)(bh * n_splits + s) * NR + r) * 2;
+                if (ml[0] == NEG_INF) continue;
+                den = __fadd_rn(den, __fmul_rn(ml[1], exp_nonpos(__fsub_rn(ml[0], M))));
+            }
+            for (i64 s = 0; s < n_splits; ++s) {
+                const float* ml = pm + ((size_t)(bh * n_splits + s) * NR + r) * 2;
+                if (ml[0] == NEG_INF) continue;
+                float w = __fdiv_rn(__fmul_rn(ml[1], exp_nonpos(__fsub_rn(ml[0], M))), den);
+                const float* ac = pa + ((size_t)(bh * n_splits + s) * NR + r) * D;
+                for (int d = 0; d < D; ++d) o[d] = __fadd_rn(o[d], __fmul_rn(ac[d], w));
+            }
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -618,74 +741,28 @@ void mkq_attention(const float* q, int B, int H, int n_rep, int Tq, int D, i64 T
                    int split_blocks) {
     AttnArgs a{q, B, H, n_rep, Tq, D, T, scale, causal, mask, window, softcap, nkb, R, G, meta_kind, high_kind, tier_maps, kptr,
                res_k, res_k_kind, rk, nvc, vchunk, vptr, res_v, res_v_kind, rv};
-    const i64 BH = (i64)B * H, BHD = BH * D;
-    const int NR = n_rep * Tq;
-    if (n_threads < 1) n_threads = 1;
-    // row of each channel within its width, per block (tier maps are in (b, h, d) order)
-    // buffers reused across calls (thread_local: two Python threads may attend at once);
-    // every element is written before it is read, so they are never cleared
-    thread_local std::vector<int> row_index;
-    thread_local std::vector<float> part_acc, part_ml;
-    if (row_index.size() < (size_t)nkb * BHD) row_index.resize((size_t)nkb * BHD);
-    // (inside a parallel region a thread_local name is the worker's own: pass pointers)
-    int* const rows_of = row_index.data();
-#pragma omp parallel for num_threads(threads_for(n_threads, nkb)) schedule(static)
-    for (int j = 0; j < nkb; ++j) {
-        int count[MIXKVQ_TIER_SLOTS] = {0};
-        const u8* tm = tier_maps[j];
-        int* ri = rows_of + (i64)j * BHD;
-        for (i64 c = 0; c < BHD; ++c) ri[c] = count[tm[c]]++;
+    attention_core(&a, &out, 1, n_threads, split_blocks);
+}
+
+// The attention of n_req requests of one serving step in one call (batch 1 each, causal,
+// no mask, shared geometry and kinds). table: n_req rows of MKQ_BATCH_COLS int64 —
+// q (Hq, Tq, D) float32, out (Hq, Tq, D) float32, Tq, T, nkb, tier_maps (nkb pointers),
+// kptr (nkb x TIER_SLOTS x 3), res_k, rk, nvc, vchunk (nvc x 3), vptr (nvc x 3), res_v, rv.
+// Each request's result is the one mkq_attention gives it alone.
+void mkq_attention_batch(int n_req, const i64* table, int H, int n_rep, int D, float scale, i64 window,
+                         float softcap, int R, int G, int meta_kind, int high_kind, int res_kind, int n_threads,
+                         int split_blocks) {
+    std::vector<AttnArgs> reqs((size_t)n_req);
+    std::vector<float*> outs((size_t)n_req);
+    for (int r = 0; r < n_req; ++r) {
+        const i64* t = table + (i64)r * 14;  // BATCH_COLUMNS in backend.py
+        reqs[r] = AttnArgs{(const float*)t[0], 1, H, n_rep, (int)t[2], D, t[3], scale, 1, nullptr, window, softcap,
+                           (int)t[4], R, G, meta_kind, high_kind, (const u8* const*)t[5], (const void* const*)t[6],
+                           (const void*)t[7], res_kind, t[8], (int)t[9], (const i64*)t[10], (const void* const*)t[11],
+                           (const void*)t[12], res_kind, t[13]};
+        outs[r] = (float*)t[1];
     }
-    // token splits: whole key blocks, then the residual. The plan aims at ATTN_TASKS tasks
-    // whatever the thread count (enough to balance up to 16 threads), so the result does not
-    // depend on how many threads run it.
-    const int seg = R > 0 ? R : 128;
-    const i64 nseg = (T + seg - 1) / seg;
-    const i64 ATTN_TASKS = 64;
-    i64 per = split_blocks > 0 ? split_blocks : (nseg * BH + ATTN_TASKS - 1) / ATTN_TASKS;
-    if (per < 1) per = 1;
-    const i64 n_splits = (nseg + per - 1) / per;
-    const i64 tasks = BH * n_splits;
-    if (part_acc.size() < (size_t)tasks * NR * D) part_acc.resize((size_t)tasks * NR * D);
-    if (part_ml.size() < (size_t)tasks * NR * 2) part_ml.resize((size_t)tasks * NR * 2);
-    float* const pacc = part_acc.data();
-    float* const pml = part_ml.data();
-#pragma omp parallel for num_threads(threads_for(n_threads, tasks)) schedule(dynamic, 1)
-    for (i64 task = 0; task < tasks; ++task) {
-        i64 bh = task / n_splits, sp = task % n_splits;
-        i64 t0 = sp * per * seg, t1 = (sp + 1) * per * seg < T ? (sp + 1) * per * seg : T;
-        attend_range(a, rows_of, bh, t0, t1, pacc + (size_t)task * NR * D, pml + (size_t)task * NR * 2);
-    }
-    // merge the splits (flash-decoding): weights l_s e^(m_s - M) / sum, acc_s weighted means
-    const int Hq = H * n_rep;
-#pragma omp parallel for num_threads(threads_for(n_threads, BH)) schedule(static)
-    for (i64 bh = 0; bh < BH; ++bh) {
-        int b = (int)(bh / H), h = (int)(bh % H);
-        for (int r = 0; r < NR; ++r) {
-            int rep = r / Tq, tq = r % Tq;
-            float* o = out + (((i64)b * Hq + h * n_rep + rep) * Tq + tq) * D;
-            float M = NEG_INF;
-            for (i64 s = 0; s < n_splits; ++s) {
-                float ms = pml[((size_t)(bh * n_splits + s) * NR + r) * 2];
-                M = ms > M ? ms : M;
-            }
-            for (int d = 0; d < D; ++d) o[d] = 0.0f;
-            if (M == NEG_INF) continue;  // sees no token
-            float den = 0.0f;
-            for (i64 s = 0; s < n_splits; ++s) {
-                const float* ml = pml + ((size_t)(bh * n_splits + s) * NR + r) * 2;
-                if (ml[0] == NEG_INF) continue;
-                den = __fadd_rn(den, __fmul_rn(ml[1], exp_nonpos(__fsub_rn(ml[0], M))));
-            }
-            for (i64 s = 0; s < n_splits; ++s) {
-                const float* ml = pml + ((size_t)(bh * n_splits + s) * NR + r) * 2;
-                if (ml[0] == NEG_INF) continue;
-                float w = __fdiv_rn(__fmul_rn(ml[1], exp_nonpos(__fsub_rn(ml[0], M))), den);
-                const float* ac = pacc + ((size_t)(bh * n_splits + s) * NR + r) * D;
-                for (int d = 0; d < D; ++d) o[d] = __fadd_rn(o[d], __fmul_rn(ac[d], w));
-            }
-        }
-    }
+    if (n_req > 0) attention_core(reqs.data(), outs.data(), n_req, n_threads, split_blocks);
 }
 
 }  // extern "C"

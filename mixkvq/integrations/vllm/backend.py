@@ -302,12 +302,17 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             n = m.num_actual_tokens
             u_all = self.backend.query_token_sums(query[:n].transpose(0, 1).unsqueeze(0), self.n_rep)[0]
             STATS["t_observe"] += time.perf_counter() - t0
+        attends: list = []
         for i, L in enumerate(m.seq_lens):
             q0, q1 = m.query_start_loc[i], m.query_start_loc[i + 1]
             if q1 <= q0:
                 continue
             u = u_all[:, q0:q1] if u_all is not None else None
-            jobs.extend(self._request(query[q0:q1], out3[q0:q1], int(L), m.block_table[i], kv_cache, u))
+            jobs.extend(self._request(query[q0:q1], out3[q0:q1], int(L), m.block_table[i], kv_cache, u, attends))
+        if attends:
+            t0 = time.perf_counter()
+            self._attend_all(attends)
+            STATS["t_attend"] += time.perf_counter() - t0
         if jobs:
             t0 = time.perf_counter()
             self._pack_many(jobs, kv_cache)
@@ -317,8 +322,10 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         return output
 
     def _request(self, q: torch.Tensor, out: torch.Tensor, L: int, bt: np.ndarray, kv_cache: torch.Tensor,
-                 u: "torch.Tensor | None") -> list:
-        """Attend for one request and fold in its queries; returns its blocks that are ready to pack."""
+                 u: "torch.Tensor | None", attends: list) -> list:
+        """Plan one request's attention (appended to ``attends``; the batch runs in one kernel call
+        after every request is planned) and fold in its queries; returns its blocks that are
+        ready to pack."""
         R = self.R
         n_new = int(q.shape[0])
         n_ctx = L - n_new
@@ -336,10 +343,8 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
                                    f"{0 if ent is None else ent.n}")
             ent.seen = self._step
             res.append((j, ent, need))
-        t0 = time.perf_counter()
-        self._attend(q, out, L, nkb, bt, res, kv_cache)
+        attends.append(self._plan_attention(q, out, L, nkb, bt, res, kv_cache))
         t1 = time.perf_counter()
-        STATS["t_attend"] += t1 - t0
         # the queries of the new tokens -> their blocks' sums (tokens of packed blocks: already in)
         if u is not None:  # (H, n_new, D)
             for j, ent, need in res:
@@ -382,9 +387,11 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             t[4] = vc
         return t[1], t[2], t[3], t[4]
 
-    def _attend(self, q: torch.Tensor, out: torch.Tensor, L: int, nkb: int, bt: np.ndarray, res: list,
-                kv_cache: torch.Tensor) -> None:
-        H, D, R = self.num_kv_heads, self.head_size, self.R
+    def _plan_attention(self, q: torch.Tensor, out: torch.Tensor, L: int, nkb: int, bt: np.ndarray, res: list,
+                        kv_cache: torch.Tensor) -> tuple:
+        """One request's row of ``mkq_attention_batch``'s table (columns ``BATCH_COLUMNS``), the
+        arrays it points into (kept alive until the call) and where its output goes."""
+        R = self.R
         n_new = int(q.shape[0])
         q32 = q.to(torch.float32).transpose(0, 1).contiguous()  # (Hq, n_new, D)
         tm, kt, vt, vc = self._tables(kv_cache, nkb + 1)
@@ -399,21 +406,32 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         elif res:
             rk = torch.cat([e.keys[:, :need] for _, e, need in res], dim=1)
             rv = torch.cat([e.values[:, :need] for _, e, need in res], dim=1)
-        if res:
-            r = int(rk.shape[1])
-            rk_ptr, rv_ptr, rkind = rk.data_ptr(), rv.data_ptr(), _KIND[rk.dtype]
         else:
-            r, rk_ptr, rv_ptr, rkind = 0, None, None, DTYPE_KIND["float32"]
+            rk = rv = None
+        r = int(rk.shape[1]) if rk is not None else 0
         if nkb * R + r != L:
             raise RuntimeError(f"MixKVQ: {nkb} packed blocks + {r} residual tokens != {L} tokens")
-        o = torch.empty((self.num_heads, n_new, D), dtype=torch.float32)
+        o = torch.empty((self.num_heads, n_new, self.head_size), dtype=torch.float32)
+        row = [q32.data_ptr(), o.data_ptr(), n_new, L, nkb, tier_ptrs.ctypes.data, kptr.ctypes.data,
+               rk.data_ptr() if r else 0, r, nkb, vc.ctypes.data, vptr.ctypes.data, rv.data_ptr() if r else 0, r]
+        kind = _KIND[rk.dtype] if r else None
+        return row, (q32, tier_ptrs, kptr, vptr, rk, rv, vc), o, out, kind
+
+    def _attend_all(self, attends: list) -> None:
+        """Every planned request of this forward in one native call (the CPU backend's fused
+        kernel, one parallel region over requests x heads x token splits), then the outputs."""
+        kinds = {a[4] for a in attends if a[4] is not None}
+        if len(kinds) > 1:
+            raise RuntimeError(f"MixKVQ: residuals of one batch in several dtypes {sorted(kinds)}")
+        table = np.array([a[0] for a in attends], dtype=np.int64)
         cfg = self.config
-        self.lib.mkq_attention(q32.data_ptr(), 1, H, self.n_rep, n_new, D, L, self.scale, 1, None, 0, 0.0, nkb, R,
-                               cfg.group_size, DTYPE_KIND[cfg.meta_dtype], DTYPE_KIND[cfg.high_dtype],
-                               tier_ptrs.ctypes.data, kptr.ctypes.data, rk_ptr, rkind, r, nkb, vc.ctypes.data,
-                               vptr.ctypes.data, rv_ptr, rkind, r, o.data_ptr(), self._threads, 0)
+        self.lib.mkq_attention_batch(len(attends), table.ctypes.data, self.num_kv_heads, self.n_rep, self.head_size,
+                                     self.scale, 0, 0.0, self.R, cfg.group_size, DTYPE_KIND[cfg.meta_dtype],
+                                     DTYPE_KIND[cfg.high_dtype], kinds.pop() if kinds else DTYPE_KIND["float32"],
+                                     self._threads, 0)
         STATS["attention_calls"] += 1
-        out.copy_(o.transpose(0, 1))
+        for _, _, o, out, _ in attends:
+            out.copy_(o.transpose(0, 1))
 
     def _pack_many(self, jobs: list, kv_cache: torch.Tensor) -> None:
         """Quantize full blocks (their exact residuals) into their pages, all of one forward in

@@ -25,20 +25,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("-o", "--output", default="vllm-bench.json")
     ap.add_argument("--only", choices=("capacity", "throughput", "agreement"), help="one part of the report")
+    ap.add_argument("--prompt-len", type=int, default=256, help="throughput: prompt tokens per request (default 256)")
+    ap.add_argument("--batches", default=None, help="throughput: concurrent requests, e.g. 1,4,16 (default; --quick: 1,4)")
+    ap.add_argument("--kv-mib", type=int, default=bench.KV_BYTES >> 20, help="KV cache memory of every engine (MiB)")
     a = ap.parse_args()
     bench.setup_env()
-    batches = [1, 4] if a.quick else [1, 4, 16]
+    batches = [int(x) for x in a.batches.split(",")] if a.batches else ([1, 4] if a.quick else [1, 4, 16])
     new = 32 if a.quick else 64
+    kv_bytes = a.kv_mib << 20
     lengths = [60, 200, 300, 520]
-    out: dict = {"kv_cache_bytes": bench.KV_BYTES}
+    out: dict = {"kv_cache_bytes": kv_bytes, "prompt_len": a.prompt_len}
 
     part = a.only
     out["capacity"] = {}
     if part in (None, "capacity"):  # stock bf16 (stock fp32 and MixKVQ come with the throughput runs)
-        out["capacity"]["stock_bf16"] = engine_run(False, "capacity", dtype="bfloat16")["kv_tokens"]
+        out["capacity"]["stock_bf16"] = engine_run(False, "capacity", dtype="bfloat16", kv_bytes=kv_bytes)["kv_tokens"]
         print(out, flush=True)
     if part == "capacity":
-        out["capacity"]["mixkvq"] = engine_run(True, "capacity", dtype="float32")["kv_tokens"]
+        out["capacity"]["mixkvq"] = engine_run(True, "capacity", dtype="float32", kv_bytes=kv_bytes)["kv_tokens"]
         out["capacity"]["ratio_vs_bf16"] = out["capacity"]["mixkvq"] / out["capacity"]["stock_bf16"]
         print(json.dumps(out, indent=1))
         return
@@ -48,7 +52,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(str(bench.DEFAULT_MODEL))
     prompts = bench.prompts_from_wiki(tok, lengths)
-    kw = dict(dtype="float32", batches=batches, max_tokens=new, prompt_len=256)
+    kw = dict(dtype="float32", batches=batches, max_tokens=new, prompt_len=a.prompt_len, kv_bytes=kv_bytes)
     if part in (None, "throughput"):
         ours = engine_run(True, "throughput", **kw)
         stock = engine_run(False, "throughput", **kw)
@@ -65,8 +69,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in out.items() if k != "impls"}, indent=1))
         return
 
-    v_ours = engine_run(True, "generate", dtype="float32", prompts=prompts, max_tokens=new)["outputs"]
-    v_stock = engine_run(False, "generate", dtype="float32", prompts=prompts, max_tokens=new)["outputs"]
+    v_ours = engine_run(True, "generate", dtype="float32", prompts=prompts, max_tokens=new, kv_bytes=kv_bytes)["outputs"]
+    v_stock = engine_run(False, "generate", dtype="float32", prompts=prompts, max_tokens=new, kv_bytes=kv_bytes)["outputs"]
     h_mix = bench.hf_generate(prompts, new)
     h_full = bench.hf_generate(prompts, new, mixkvq=False)
     out["agreement"] = {

@@ -145,7 +145,9 @@ def stock_in_subprocess(what: str = "capacity", **kw: Any) -> dict:
 
 
 def main(what: str, kw: dict) -> dict:
-    llm = make_llm(dtype=kw.get("dtype", "float32"), kv_bytes=kw.get("kv_bytes", KV_BYTES))
+    longest = kw.get("prompt_len", 256) + kw.get("max_tokens", 64)
+    llm = make_llm(dtype=kw.get("dtype", "float32"), kv_bytes=kw.get("kv_bytes", KV_BYTES),
+                   max_model_len=max(2048, -(-longest // 128) * 128))
     res: dict[str, Any] = {"kv_tokens": kv_tokens(llm)}
     if what == "throughput":
         tok = llm.get_tokenizer()

@@ -238,9 +238,14 @@ struct BadIndex {
     }
 };
 
-static inline int threads_for(int n_threads, i64 work) {
+// Threads for a parallel region over `work` items of about `grain` elements each: one when
+// there is one item, or too little work to pay for waking a second thread — a parallel region
+// costs microseconds on idle cores but milliseconds when other processes hold them (a decode
+// step's value dry run is 192 elements). No result depends on the thread count.
+static const i64 MIN_PARALLEL_ELEMENTS = 1 << 14;
+static inline int threads_for(int n_threads, i64 work, i64 grain = MIN_PARALLEL_ELEMENTS) {
     if (n_threads < 1) n_threads = 1;
-    return work < 2 ? 1 : n_threads;
+    return work < 2 || work * grain < MIN_PARALLEL_ELEMENTS ? 1 : n_threads;
 }
 
 extern "C" {
@@ -254,7 +259,7 @@ void mkq_quantize(const void* x, int in_kind, i64 rows, int n, int G, int bits, 
                   void* zero, u8* packed, i64* bad, int n_threads) {
     int ng = (n + G - 1) / G, rb = (n * bits + 7) / 8;
     BadIndex total;
-#pragma omp parallel num_threads(threads_for(n_threads, rows))
+#pragma omp parallel num_threads(threads_for(n_threads, rows, n))
     {
         std::vector<float> buf(n);
         std::vector<u8> codes(((n + 7) & ~7) + 8);
@@ -284,7 +289,7 @@ void mkq_dequantize(const u8* packed, const void* scale, const void* zero, int m
                     int bits, int out_kind, void* out, int n_threads) {
     int ng = (n + G - 1) / G, rb = (n * bits + 7) / 8;
     const float lim = out_kind == MIXKVQ_KIND_F16 ? MIXKVQ_FLOAT16_MAX : __uint_as_float(0x7F7F0000u);
-#pragma omp parallel num_threads(threads_for(n_threads, rows))
+#pragma omp parallel num_threads(threads_for(n_threads, rows, n))
     {
         std::vector<u8> codes(((n + 7) & ~7) + 8);
         std::vector<float> y(n);
@@ -315,7 +320,7 @@ void mkq_dequantize(const u8* packed, const void* scale, const void* zero, int m
 void mkq_pack(const u8* codes, i64 rows, int n, int bits, u8* packed, int n_threads) {
     int rb = (n * bits + 7) / 8;
     const u8 mask = (u8)((1u << bits) - 1u);
-#pragma omp parallel num_threads(threads_for(n_threads, rows))
+#pragma omp parallel num_threads(threads_for(n_threads, rows, n))
     {
         std::vector<u8> c(((n + 7) & ~7) + 8, 0);
 #pragma omp for schedule(static)
@@ -328,7 +333,7 @@ void mkq_pack(const u8* codes, i64 rows, int n, int bits, u8* packed, int n_thre
 
 void mkq_unpack(const u8* packed, i64 rows, int n, int bits, u8* codes, int n_threads) {
     int rb = (n * bits + 7) / 8;
-#pragma omp parallel num_threads(threads_for(n_threads, rows))
+#pragma omp parallel num_threads(threads_for(n_threads, rows, n))
     {
         std::vector<u8> c(((n + 7) & ~7) + 8);
 #pragma omp for schedule(static)
@@ -352,7 +357,7 @@ void mkq_encode_key_block(const void* keys, int in_kind, int B, int H, int R, in
     i64 count[MIXKVQ_TIER_SLOTS] = {0};
     for (i64 c = 0; c < channels; ++c) row_of[c] = (int)count[tier_map[c]]++;
     BadIndex total[MIXKVQ_TIER_SLOTS];
-#pragma omp parallel num_threads(threads_for(n_threads, channels))
+#pragma omp parallel num_threads(threads_for(n_threads, channels, R))
     {
         std::vector<float> buf(R);
         std::vector<u8> codes(((R + 7) & ~7) + 8);
@@ -619,12 +624,13 @@ void attention_core(const AttnArgs* reqs, float* const* outs, int n_req, int n_t
     ml_off.assign(n_req + 1, 0);
     nsplit.assign(n_req, 0);
     per_of.assign(n_req, 0);
-    i64 n_blocks = 0;
+    i64 n_blocks = 0, token_elems = 0;  // token_elems: K/V elements read, for the thread count
     const i64 ATTN_TASKS = 64;
     for (int r = 0; r < n_req; ++r) {
         const AttnArgs& a = reqs[r];
         const i64 BH = (i64)a.B * a.H;
         ri_off[r + 1] = ri_off[r] + (i64)a.nkb * BH * a.D;
+        token_elems += a.T * BH * a.D * (1 + a.n_rep * a.Tq);
         n_blocks += a.nkb;
         // token splits: whole key blocks, then the residual. The plan aims at ATTN_TASKS tasks
         // whatever the thread count (enough to balance up to 16 threads), so the result does not
@@ -658,7 +664,7 @@ void attention_core(const AttnArgs* reqs, float* const* outs, int n_req, int n_t
     const i64* const mo = ml_off.data();
     const i64* const ns = nsplit.data();
     const i64* const po = per_of.data();
-#pragma omp parallel for num_threads(threads_for(n_threads, n_blocks)) schedule(static)
+#pragma omp parallel for num_threads(threads_for(n_threads, n_blocks, n_blocks ? ri_off[n_req] / n_blocks : 0)) schedule(static)
     for (i64 k = 0; k < n_blocks; ++k) {
         const int r = (int)(bq[k] >> 32), j = (int)(bq[k] & 0xffffffff);
         const AttnArgs& a = reqs[r];
@@ -669,7 +675,7 @@ void attention_core(const AttnArgs* reqs, float* const* outs, int n_req, int n_t
         for (i64 c = 0; c < BHD; ++c) ri[c] = count[tm[c]]++;
     }
     const i64 all_tasks = to[n_req];
-#pragma omp parallel for num_threads(threads_for(n_threads, all_tasks)) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(threads_for(n_threads, all_tasks, all_tasks ? token_elems / all_tasks : 0)) schedule(dynamic, 1)
     for (i64 task = 0; task < all_tasks; ++task) {
         const int r = (int)(std::upper_bound(to, to + n_req + 1, task) - to) - 1;
         const AttnArgs& a = reqs[r];
@@ -687,7 +693,7 @@ void attention_core(const AttnArgs* reqs, float* const* outs, int n_req, int n_t
     for (int r = 0; r < n_req; ++r) bh_off[r + 1] = bh_off[r] + (i64)reqs[r].B * reqs[r].H;
     const i64* const bo = bh_off.data();
     const i64 all_bh = bo[n_req];
-#pragma omp parallel for num_threads(threads_for(n_threads, all_bh)) schedule(static)
+#pragma omp parallel for num_threads(threads_for(n_threads, all_bh, all_bh ? ao[n_req] / all_bh : 0)) schedule(static)
     for (i64 k = 0; k < all_bh; ++k) {
         const int rq = (int)(std::upper_bound(bo, bo + n_req + 1, k) - bo) - 1;
         const AttnArgs& a = reqs[rq];

@@ -128,6 +128,10 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
                                   description="MixKVQ tiers 0 bf16 / 1/8 int4 / rest int2")
     rd_base = budget_cfg.replace(tier_mode="rd", value_window="block")
     for bits in RD_BUDGETS:
+        try:
+            rd_base.replace(rd_bits=bits)
+        except ValueError:  # below the floor of this G/R/metadata for any head size: no such row
+            continue
         name = f"rd{bits:g}"
         out[name] = Method(name, "mixkvq", rd_base.replace(rd_bits=bits),
                            description=f"rate-distortion allocation, {bits:g} true bits/element of quantized blocks")

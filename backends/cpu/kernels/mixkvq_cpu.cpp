@@ -238,14 +238,14 @@ struct BadIndex {
     }
 };
 
-// Threads for a parallel region over `work` items of about `grain` elements each: one when
-// there is one item, or too little work to pay for waking a second thread — a parallel region
-// costs microseconds on idle cores but milliseconds when other processes hold them (a decode
-// step's value dry run is 192 elements). No result depends on the thread count.
+// Threads for a parallel region over `items` work items touching `elements` elements in all:
+// one when there is one item, or too little work to pay for waking a second thread — a
+// parallel region costs microseconds on idle cores but milliseconds when other processes hold
+// them (a decode step's value dry run is 192 elements). No result depends on the thread count.
 static const i64 MIN_PARALLEL_ELEMENTS = 1 << 14;
-static inline int threads_for(int n_threads, i64 work, i64 grain = MIN_PARALLEL_ELEMENTS) {
+static inline int threads_for(int n_threads, i64 items, i64 elements) {
     if (n_threads < 1) n_threads = 1;
-    return work < 2 || work * grain < MIN_PARALLEL_ELEMENTS ? 1 : n_threads;
+    return items < 2 || elements < MIN_PARALLEL_ELEMENTS ? 1 : n_threads;
 }
 
 extern "C" {
@@ -259,7 +259,7 @@ void mkq_quantize(const void* x, int in_kind, i64 rows, int n, int G, int bits, 
                   void* zero, u8* packed, i64* bad, int n_threads) {
     int ng = (n + G - 1) / G, rb = (n * bits + 7) / 8;
     BadIndex total;
-#pragma omp parallel num_threads(threads_for(n_threads, rows, n))
+#pragma omp parallel num_threads(threads_for(n_threads, rows, rows * n))
     {
         std::vector<float> buf(n);
         std::vector<u8> codes(((n + 7) & ~7) + 8);
@@ -289,7 +289,7 @@ void mkq_dequantize(const u8* packed, const void* scale, const void* zero, int m
                     int bits, int out_kind, void* out, int n_threads) {
     int ng = (n + G - 1) / G, rb = (n * bits + 7) / 8;
     const float lim = out_kind == MIXKVQ_KIND_F16 ? MIXKVQ_FLOAT16_MAX : __uint_as_float(0x7F7F0000u);
-#pragma omp parallel num_threads(threads_for(n_threads, rows, n))
+#pragma omp parallel num_threads(threads_for(n_threads, rows, rows * n))
     {
         std::vector<u8> codes(((n + 7) & ~7) + 8);
         std::vector<float> y(n);
@@ -320,7 +320,7 @@ void mkq_dequantize(const u8* packed, const void* scale, const void* zero, int m
 void mkq_pack(const u8* codes, i64 rows, int n, int bits, u8* packed, int n_threads) {
     int rb = (n * bits + 7) / 8;
     const u8 mask = (u8)((1u << bits) - 1u);
-#pragma omp parallel num_threads(threads_for(n_threads, rows, n))
+#pragma omp parallel num_threads(threads_for(n_threads, rows, rows * n))
     {
         std::vector<u8> c(((n + 7) & ~7) + 8, 0);
 #pragma omp for schedule(static)
@@ -333,7 +333,7 @@ void mkq_pack(const u8* codes, i64 rows, int n, int bits, u8* packed, int n_thre
 
 void mkq_unpack(const u8* packed, i64 rows, int n, int bits, u8* codes, int n_threads) {
     int rb = (n * bits + 7) / 8;
-#pragma omp parallel num_threads(threads_for(n_threads, rows, n))
+#pragma omp parallel num_threads(threads_for(n_threads, rows, rows * n))
     {
         std::vector<u8> c(((n + 7) & ~7) + 8);
 #pragma omp for schedule(static)
@@ -357,7 +357,7 @@ void mkq_encode_key_block(const void* keys, int in_kind, int B, int H, int R, in
     i64 count[MIXKVQ_TIER_SLOTS] = {0};
     for (i64 c = 0; c < channels; ++c) row_of[c] = (int)count[tier_map[c]]++;
     BadIndex total[MIXKVQ_TIER_SLOTS];
-#pragma omp parallel num_threads(threads_for(n_threads, channels, R))
+#pragma omp parallel num_threads(threads_for(n_threads, channels, channels * R))
     {
         std::vector<float> buf(R);
         std::vector<u8> codes(((R + 7) & ~7) + 8);
@@ -664,7 +664,7 @@ void attention_core(const AttnArgs* reqs, float* const* outs, int n_req, int n_t
     const i64* const mo = ml_off.data();
     const i64* const ns = nsplit.data();
     const i64* const po = per_of.data();
-#pragma omp parallel for num_threads(threads_for(n_threads, n_blocks, n_blocks ? ri_off[n_req] / n_blocks : 0)) schedule(static)
+#pragma omp parallel for num_threads(threads_for(n_threads, n_blocks, ri_off[n_req])) schedule(static)
     for (i64 k = 0; k < n_blocks; ++k) {
         const int r = (int)(bq[k] >> 32), j = (int)(bq[k] & 0xffffffff);
         const AttnArgs& a = reqs[r];
@@ -675,7 +675,7 @@ void attention_core(const AttnArgs* reqs, float* const* outs, int n_req, int n_t
         for (i64 c = 0; c < BHD; ++c) ri[c] = count[tm[c]]++;
     }
     const i64 all_tasks = to[n_req];
-#pragma omp parallel for num_threads(threads_for(n_threads, all_tasks, all_tasks ? token_elems / all_tasks : 0)) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(threads_for(n_threads, all_tasks, token_elems)) schedule(dynamic, 1)
     for (i64 task = 0; task < all_tasks; ++task) {
         const int r = (int)(std::upper_bound(to, to + n_req + 1, task) - to) - 1;
         const AttnArgs& a = reqs[r];
@@ -693,7 +693,7 @@ void attention_core(const AttnArgs* reqs, float* const* outs, int n_req, int n_t
     for (int r = 0; r < n_req; ++r) bh_off[r + 1] = bh_off[r] + (i64)reqs[r].B * reqs[r].H;
     const i64* const bo = bh_off.data();
     const i64 all_bh = bo[n_req];
-#pragma omp parallel for num_threads(threads_for(n_threads, all_bh, all_bh ? ao[n_req] / all_bh : 0)) schedule(static)
+#pragma omp parallel for num_threads(threads_for(n_threads, all_bh, ao[n_req])) schedule(static)
     for (i64 k = 0; k < all_bh; ++k) {
         const int rq = (int)(std::upper_bound(bo, bo + n_req + 1, k) - bo) - 1;
         const AttnArgs& a = reqs[rq];

@@ -129,15 +129,15 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
     rd_base = budget_cfg.replace(tier_mode="rd", value_window="block")
     for bits in RD_BUDGETS:
         try:
-            rd_base.replace(rd_bits=bits)
+            rd_cfg = rd_base.replace(rd_bits=bits)
         except ValueError:  # below the floor of this G/R/metadata for any head size: no such row
             continue
         name = f"rd{bits:g}"
-        out[name] = Method(name, "mixkvq", rd_base.replace(rd_bits=bits),
+        out[name] = Method(name, "mixkvq", rd_cfg,
                            description=f"rate-distortion allocation, {bits:g} true bits/element of quantized blocks")
         if layer_profile is not None and bits >= layer_profile.budgets[0]:
             name = f"rdl{bits:g}"
-            out[name] = Method(name, "mixkvq", rd_base.replace(rd_bits=bits), layer_profile=layer_profile,
+            out[name] = Method(name, "mixkvq", rd_cfg, layer_profile=layer_profile,
                                description=f"rd allocation with per-layer budgets from the layer profile, "
                                            f"{bits:g} true bits/element on average")
     return out

@@ -16,8 +16,11 @@ import json
 from mixkvq.integrations.vllm import bench
 
 
+TIMEOUT = 1800
+
+
 def engine_run(enabled: bool, what: str, **kw) -> dict:
-    return bench.engine_in_subprocess(what, enabled=enabled, timeout=1800, **kw)
+    return bench.engine_in_subprocess(what, enabled=enabled, timeout=TIMEOUT, **kw)
 
 
 def main() -> None:
@@ -27,14 +30,18 @@ def main() -> None:
     ap.add_argument("--only", choices=("capacity", "throughput", "agreement"), help="one part of the report")
     ap.add_argument("--prompt-len", type=int, default=256, help="throughput: prompt tokens per request (default 256)")
     ap.add_argument("--batches", default=None, help="throughput: concurrent requests, e.g. 1,4,16 (default; --quick: 1,4)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="throughput: model dtype of both engines (default float32)")
+    ap.add_argument("--timeout", type=int, default=TIMEOUT, help="seconds per engine run")
     ap.add_argument("--kv-mib", type=int, default=bench.KV_BYTES >> 20, help="KV cache memory of every engine (MiB)")
     a = ap.parse_args()
+    globals()["TIMEOUT"] = a.timeout
     bench.setup_env()
     batches = [int(x) for x in a.batches.split(",")] if a.batches else ([1, 4] if a.quick else [1, 4, 16])
     new = 32 if a.quick else 64
     kv_bytes = a.kv_mib << 20
     lengths = [60, 200, 300, 520]
-    out: dict = {"kv_cache_bytes": kv_bytes, "prompt_len": a.prompt_len}
+    out: dict = {"kv_cache_bytes": kv_bytes, "prompt_len": a.prompt_len, "dtype": a.dtype}
 
     part = a.only
     out["capacity"] = {}
@@ -52,7 +59,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(str(bench.DEFAULT_MODEL))
     prompts = bench.prompts_from_wiki(tok, lengths)
-    kw = dict(dtype="float32", batches=batches, max_tokens=new, prompt_len=a.prompt_len, kv_bytes=kv_bytes)
+    kw = dict(dtype=a.dtype, batches=batches, max_tokens=new, prompt_len=a.prompt_len, kv_bytes=kv_bytes)
     if part in (None, "throughput"):
         ours = engine_run(True, "throughput", **kw)
         stock = engine_run(False, "throughput", **kw)

@@ -130,6 +130,49 @@ class BackendBase:
                 out[bits] = self.quantize(rows, bits, group_size, meta_dtype, name)
         return out
 
+    def hadamard(self, x: Any, signs: Any, sizes: Sequence[int], inverse: bool = False) -> Any:
+        """docs/numerics.md §11 along the last axis: ``x (..., n)`` (finite, validated by the
+        caller) -> float32 ``(..., n)``; ``signs`` a float32 ``(n,)`` ±1 array of this
+        backend or None; ``sizes`` the blocks (powers of two summing to ``n``, in channel
+        order, :func:`mixkvq.sim.rotation.block_sizes`). The default is
+        :func:`hadamard_rows`, written on reshapes, slices, ``+``, ``-``, ``*`` and
+        :meth:`concat`, which are IEEE float32 operations on every built-in array type."""
+        return hadamard_rows(self, x, signs, sizes, inverse)
+
+
+def hadamard_rows(backend: Backend, x: Any, signs: Any, sizes: Sequence[int], inverse: bool = False) -> Any:
+    """§11 rotation along the last axis on any backend whose arrays support ``reshape``,
+    basic slicing and IEEE float32 ``+ - *`` (NumPy, CuPy, torch). Per block of ``P``
+    channels, stage ``h`` views it as ``(P / 2h, 2, h)``, whose two middle slices are the
+    pairs ``(i, i + h)``, ``i & h == 0``, and concatenates ``(a + b, a - b)`` back in place;
+    then one multiply by the block's ``c_P``. The result is not checked for overflow here
+    (callers check it, :func:`mixkvq.rotation.hadamard`)."""
+    import numpy as np
+
+    from .schemes import as_float32
+    from .sim.rotation import norm_constant
+
+    with np.errstate(over="ignore", invalid="ignore"):  # NumPy arrays: an overflow is the caller's to report
+        x = as_float32(x)
+        lead = tuple(int(s) for s in x.shape[:-1])
+        if signs is not None and not inverse:
+            x = x * signs
+        parts, start = [], 0
+        for P in sizes:
+            y = x[..., start:start + P]
+            h = 1
+            while h < P:
+                v = y.reshape(lead + (P // (2 * h), 2, h))
+                a, b = v[..., 0:1, :], v[..., 1:2, :]
+                y = backend.concat([a + b, a - b], axis=-2).reshape(lead + (P,))
+                h *= 2
+            parts.append(y * backend.from_any(np.array(norm_constant(P), dtype=np.float32), like=x))
+            start += P
+        x = parts[0] if len(parts) == 1 else backend.concat(parts, axis=-1)
+        if signs is not None and inverse:
+            x = x * signs
+    return x
+
 
 def reference_attention(backend: Backend, q: Any, storage: Any, layout: Any, *, mask: Any = None, **kw: Any) -> Any:
     """The simulator's float64 attention (docs/numerics.md §9) over a storage decoded by
@@ -138,10 +181,11 @@ def reference_attention(backend: Backend, q: Any, storage: Any, layout: Any, *, 
     where a fused path cannot give one (a float32 logit overflow, a case a kernel lacks)."""
     import numpy as np
 
+    from .schemes import as_float32
     from .sim.attention import attention as sim_attention
 
-    def host(x: Any) -> Any:
-        return np.asarray(backend.to_numpy(x), dtype=np.float32)
+    def host(x: Any) -> Any:  # float32 first: to_numpy gives a bfloat16 array as its uint16 bits
+        return np.asarray(backend.to_numpy(as_float32(x)), dtype=np.float32)
 
     k, v = layout.dequantized(backend, storage)
     m = None if mask is None else np.asarray(backend.to_numpy(mask), dtype=bool)

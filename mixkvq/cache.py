@@ -179,6 +179,10 @@ class KVCache:
         cfg = self.config
         ladder = getattr(cfg.keys, "value_ladder", None)
         bits = max(ladder) if ladder else cfg.values.bits
+        if cfg.rotation.values:  # §11.6: the rotated values are what is quantized
+            from .rotation import rotate_values
+
+            values = rotate_values(backend, values, cfg.rotation.seed)
         backend.quantize(values, bits, cfg.group_size, cfg.meta_dtype, "values")
 
     def _flush(self, state: st.CacheState, backend: Backend) -> st.CacheState:
@@ -345,6 +349,11 @@ class KVCache:
             extra["softcap"] = check_positive_finite(softcap, "softcap")
         layout = PackedLayout(self.config, D)
         qb = backend.from_any(q)
+        if self.config.rotation.active:
+            # the fused kernels read unrotated rows: a rotated config is attended over its
+            # decoded history (§11.6), by the float64 reference
+            return convert_like(reference_attention(backend, qb, state.storage, layout, scale=float(scale),
+                                                    causal=causal, mask=mask, **extra), q, backend)
         out = backend.attention(qb, state.storage, layout, scale=float(scale), causal=causal, mask=mask, **extra)
         if backend.first_nonfinite(out) is not None:
             # a float32 logit overflowed (|q| |k| D beyond ~3e38) where the float64 reference stays

@@ -21,7 +21,8 @@ from typing import Any
 from .dtypes import canonical_dtype
 from .format import ITEMSIZE, META_DTYPES, CostModel
 from .policy import SaliencePolicy, get_policy
-from .schemes import (BudgetKeys, KeyScheme, RateDistortionKeys, ThresholdKeys, UniformKeys, ValueQuant)
+from .schemes import (ROTATION_FIELDS, BudgetKeys, KeyScheme, RateDistortionKeys, ThresholdKeys, TierRotation,
+                      UniformKeys, ValueQuant)
 from .validation import check_positive_int
 
 #: Flat-form fields every config has.
@@ -33,7 +34,7 @@ SCHEME_FIELDS = {
     "threshold": ("thresholds", "mid_bits", "low_bits", "high_dtype"),
     "rd": ("rd_bits", "bit_ladder", "value_bit_ladder", "rd_value_weight", "high_dtype"),
 }
-FLAT_FIELDS = tuple(dict.fromkeys(COMMON_FIELDS + sum(SCHEME_FIELDS.values(), ())))
+FLAT_FIELDS = tuple(dict.fromkeys(COMMON_FIELDS + sum(SCHEME_FIELDS.values(), ()) + ROTATION_FIELDS))
 #: Largest residual_length / group_size: a block of more tokens would never fill in practice.
 MAX_BLOCK_TOKENS = 1 << 20
 _BACKEND_MOVED = ("a config describes stored bytes, not where they are computed: choose the backend where the "
@@ -58,6 +59,9 @@ class MixKVQConfig:
         residual_length: R, tokens kept in full precision before a block is quantized; a
             multiple of G.
         meta_dtype: dtype of scales and zeros (``"float16"``, ``"bfloat16"``, ``"float32"``).
+        rotation: :class:`~mixkvq.TierRotation` — the optional Walsh–Hadamard rotation of key
+            tier channel sets and of values (docs/numerics.md §11.6); default none. Flat
+            form: ``key_rotation``, ``value_rotation``, ``rotation_seed``.
         **flat: the flat form instead of ``keys``/``values`` (docs/numerics.md §9):
             ``tier_mode`` (``"uniform"``, ``"budget"``, ``"threshold"``, ``"rd"``), ``budget``,
             ``thresholds``, ``mid_bits``, ``low_bits``, ``high_dtype``, ``rd_bits``,
@@ -71,12 +75,21 @@ class MixKVQConfig:
     group_size: int
     residual_length: int
     meta_dtype: str
+    rotation: TierRotation
 
     def __init__(self, policy: "str | SaliencePolicy | None" = None, keys: KeyScheme | None = None,
                  values: ValueQuant | None = None, group_size: int = 32, residual_length: int = 128,
-                 meta_dtype: str = "float16", **flat: Any) -> None:
+                 meta_dtype: str = "float16", rotation: "TierRotation | None" = None, **flat: Any) -> None:
         if "backend" in flat:
             raise TypeError(f"MixKVQConfig takes no backend: {_BACKEND_MOVED}")
+        rotation_flat = {k: flat.pop(k) for k in ROTATION_FIELDS if k in flat}
+        if rotation_flat:
+            if rotation is not None:
+                raise TypeError(f"pass either rotation= or the flat fields {sorted(rotation_flat)}, not both")
+            rotation = TierRotation.from_flat(rotation_flat)
+        rotation = TierRotation() if rotation is None else rotation
+        if not isinstance(rotation, TierRotation):
+            raise TypeError(f"rotation must be a TierRotation; got {type(rotation).__name__}")
         if flat:
             if keys is not None or values is not None:
                 raise TypeError(f"pass either keys=/values= or the flat fields {sorted(flat)}, not both")
@@ -103,6 +116,7 @@ class MixKVQConfig:
         set_("policy", policy)
         set_("keys", keys)
         set_("values", values)
+        set_("rotation", rotation)
         set_("group_size", check_positive_int(group_size, "group_size"))
         set_("residual_length", check_positive_int(residual_length, "residual_length"))
         set_("meta_dtype", canonical_dtype(meta_dtype, allowed=META_DTYPES, what="meta_dtype"))
@@ -164,7 +178,7 @@ class MixKVQConfig:
         if not isinstance(self.keys, RateDistortionKeys):  # rd chooses the value width per block
             out["value_bits"] = self.values.bits
         out.update(value_window=self.values.window, group_size=self.group_size,
-                   residual_length=self.residual_length, meta_dtype=self.meta_dtype)
+                   residual_length=self.residual_length, meta_dtype=self.meta_dtype, **self.rotation.flat())
         return out
 
     @classmethod
@@ -177,8 +191,10 @@ class MixKVQConfig:
         unknown = sorted(set(d) - set(FLAT_FIELDS))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(FLAT_FIELDS)}")
+        rotation = TierRotation.from_flat({k: d.pop(k) for k in ROTATION_FIELDS if k in d})
         policy, keys, values = _parts_from_flat(d, strict=set())
-        return cls(policy, keys, values, **{k: d[k] for k in ("group_size", "residual_length", "meta_dtype") if k in d})
+        return cls(policy, keys, values, rotation=rotation,
+                   **{k: d[k] for k in ("group_size", "residual_length", "meta_dtype") if k in d})
 
     def save(self, path: "str | Path") -> None:
         """Write the config as JSON (what ``mixkvq calibrate`` produces)."""
@@ -210,15 +226,22 @@ class MixKVQConfig:
         strategy does not use is an error; switching strategy drops the old one's fields."""
         if "backend" in changes:
             raise TypeError(f"MixKVQConfig has no backend: {_BACKEND_MOVED}")
+        changes = dict(changes)
+        rotation = changes.pop("rotation", self.rotation)
+        rotation_flat = {k: changes.pop(k) for k in ROTATION_FIELDS if k in changes}
+        if rotation_flat:
+            rotation = TierRotation.from_flat({"key_rotation": rotation.keys, "value_rotation": rotation.values,
+                                               "rotation_seed": rotation.seed, **rotation_flat})
         shared = {"policy", "group_size", "residual_length", "meta_dtype"}
         if {"keys", "values"} & set(changes) or set(changes) <= shared and "policy" not in changes:
             parts = {"policy": self.policy, "keys": self.keys, "values": self.values, "group_size": self.group_size,
                      "residual_length": self.residual_length, "meta_dtype": self.meta_dtype, **changes}
-            return type(self)(**parts)
-        flat = {**self.to_dict(), "policy": self.policy, **changes}
+            return type(self)(**parts, rotation=rotation)
+        flat = {k: v for k, v in self.to_dict().items() if k not in ROTATION_FIELDS}
+        flat = {**flat, "policy": self.policy, **changes}
         policy, keys, values = _parts_from_flat(flat, strict=set(changes))
         return type(self)(policy, keys, values, group_size=flat["group_size"], residual_length=flat["residual_length"],
-                          meta_dtype=flat["meta_dtype"])
+                          meta_dtype=flat["meta_dtype"], rotation=rotation)
 
 
 def _parts_from_flat(d: dict[str, Any], *, strict: set[str]) -> tuple[Any, KeyScheme, ValueQuant]:

@@ -97,6 +97,11 @@ class PackedLayout:
     def encode_keys(self, backend: "Backend", keys: Any, tier_map: Any, name: str = "keys") -> KeyBlock:
         """Quantize and pack one key block ``keys`` ``(B, H, R, D)`` by ``tier_map`` (§6)."""
         cfg = self.config
+        rotated = cfg.rotation.key_widths(cfg.key_tier_bits)
+        if rotated:  # §11.6: the channel sets of the chosen tiers, rotated per token
+            from .rotation import rotate_tiers
+
+            keys = rotate_tiers(backend, keys, tier_map, rotated, cfg.rotation.seed, name=name)
         rows = backend.encode_key_block(keys, tier_map, cfg.key_tier_bits, cfg.group_size, cfg.meta_dtype,
                                         cfg.high_dtype, name)
         return KeyBlock(tier_map=tier_map, n_tokens=int(keys.shape[2]),
@@ -113,18 +118,34 @@ class PackedLayout:
             else:
                 values = backend.dequantize(rows.packed, rows.scale, rows.zero, bits, self.config.group_size, R, "float32")
             out[block.tier_map == bits] = values
-        return out.swapaxes(-1, -2)
+        out = out.swapaxes(-1, -2)
+        rotated = self.config.rotation.key_widths(self.config.key_tier_bits)
+        if rotated:
+            from .rotation import rotate_tiers
+
+            out = rotate_tiers(backend, out, block.tier_map, rotated, self.config.rotation.seed, inverse=True,
+                               name="dequantized keys")
+        return out
 
     def encode_values(self, backend: "Backend", values: Any, bits: int | None = None, name: str = "values") -> ValueRows:
         """Quantize values ``(B, H, n, D)`` per token at ``bits`` (default: the config's)."""
         bits = self.config.values.bits if bits is None else bits
+        if self.config.rotation.values:
+            from .rotation import rotate_values
+
+            values = rotate_values(backend, values, self.config.rotation.seed, name=name)
         packed, scale, zero = backend.quantize(values, bits, self.config.group_size, self.config.meta_dtype, name)
         return ValueRows(packed, scale, zero, bits)
 
     def decode_values(self, backend: "Backend", rows: ValueRows) -> Any:
         """Dequantize a value chunk to float32 ``(B, H, n, D)``."""
-        return backend.dequantize(rows.packed, rows.scale, rows.zero, rows.bits, self.config.group_size,
-                                  self.head_dim, "float32")
+        out = backend.dequantize(rows.packed, rows.scale, rows.zero, rows.bits, self.config.group_size,
+                                 self.head_dim, "float32")
+        if self.config.rotation.values:
+            from .rotation import rotate_values
+
+            out = rotate_values(backend, out, self.config.rotation.seed, inverse=True, name="dequantized values")
+        return out
 
     def dequantized(self, backend: "Backend", storage: "Any") -> tuple[Any, Any]:
         """A :class:`mixkvq.state.Storage` as float32 ``(B, H, T, D)`` keys and values

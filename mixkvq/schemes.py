@@ -293,6 +293,67 @@ class ValueQuant:
             raise ValueError(f"value_window must be 'block' or 'sliding'; got {self.window!r}")
 
 
+#: ``key_rotation`` values (§11.6)
+KEY_ROTATIONS = ("none", "tiers", "low")
+#: the flat-form fields of :class:`TierRotation`, written only when a rotation is on
+ROTATION_FIELDS = ("key_rotation", "value_rotation", "rotation_seed")
+
+
+@dataclass(frozen=True)
+class TierRotation:
+    """The optional rotation inside the format (docs/numerics.md §11.6).
+
+    Attributes:
+        keys: ``"none"``; ``"tiers"`` — in every key block, each quantized width's channel
+            set of a head (chosen by salience on the unrotated keys) is rotated per token by
+            §11.1 before its rows are quantized; ``"low"`` — only the narrowest width's set.
+            16-bit channels are never rotated.
+        values: rotate each token's values over the head's channels before quantizing them.
+        seed: the §11.2 sign seed (``0 .. 2^64 - 1``), one for every set.
+
+    The stored bytes per element are unchanged (the signs are a function of the seed).
+    """
+
+    keys: str = "none"
+    values: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.keys not in KEY_ROTATIONS:
+            raise ValueError(f"key_rotation must be one of {', '.join(map(repr, KEY_ROTATIONS))}; got {self.keys!r}")
+        if not _is_bool(self.values):
+            raise ValueError(f"value_rotation must be true or false; got {self.values!r}")
+        object.__setattr__(self, "values", bool(self.values))
+        import numbers
+
+        if _is_bool(self.seed) or not isinstance(self.seed, numbers.Integral) or not 0 <= int(self.seed) < 1 << 64:
+            raise ValueError(f"rotation_seed must be an integer in 0..2^64-1; got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is rotated."""
+        return self.keys != "none" or self.values
+
+    def key_widths(self, ladder: "tuple[int, ...]") -> tuple[int, ...]:
+        """The widths of ``ladder`` (the config's tier widths) whose channel sets rotate."""
+        quantized = tuple(w for w in ladder if w != HIGH_BITS)
+        if self.keys == "none" or not quantized:
+            return ()
+        return quantized if self.keys == "tiers" else (min(quantized),)
+
+    def flat(self) -> dict[str, Any]:
+        """The flat fields (§9 table), empty when nothing rotates (files of unrotated configs
+        are what they were before the option existed)."""
+        if not self.active:
+            return {}
+        return {"key_rotation": self.keys, "value_rotation": self.values, "rotation_seed": self.seed}
+
+    @classmethod
+    def from_flat(cls, d: "dict[str, Any]") -> "TierRotation":
+        return cls(d.get("key_rotation", "none"), d.get("value_rotation", False), d.get("rotation_seed", 0))
+
+
 KEY_SCHEMES: dict[str, type[KeyScheme]] = {c.name: c for c in (UniformKeys, BudgetKeys, ThresholdKeys, RateDistortionKeys)}
 
 
@@ -395,6 +456,6 @@ def _check_thresholds(thresholds: Any) -> tuple[float, float]:
     return (hi, mid)
 
 
-__all__ = ["KeyScheme", "UniformKeys", "BudgetKeys", "ThresholdKeys", "RateDistortionKeys", "ValueQuant",
+__all__ = ["KeyScheme", "UniformKeys", "BudgetKeys", "ThresholdKeys", "RateDistortionKeys", "ValueQuant", "TierRotation",
            "KEY_SCHEMES", "salience", "as_float32", "MAX_RD_BITS", "MAX_RD_VALUE_WEIGHT", "MAX_BUDGET_COUNT",
            "rd_min_bits"]

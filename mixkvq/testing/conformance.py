@@ -34,6 +34,7 @@ from mixkvq import backend as backend_registry
 from mixkvq.backend import Backend, get_backend, register_backend
 from mixkvq.cache import KVCache
 from mixkvq.config import MixKVQConfig
+from mixkvq.schemes import TierRotation
 from mixkvq.format import row_bytes
 from mixkvq.layout import KeyBlock, PackedLayout, TierRows, ValueRows
 from mixkvq.state import Storage
@@ -403,7 +404,9 @@ def _fill_cache(cache: KVCache, keys: np.ndarray, values: np.ndarray, queries: n
 @st.composite
 def _case_attention(draw: Any) -> OpCase:
     B, H, n_rep, T, D = draw(S.kv_shapes(max_tokens=80))
-    cfg = draw(S.configs(head_dim=D))
+    # the attention op reads §6 rows as stored; a rotated config (§11.6) is attended by the
+    # cache over its decoded history instead, so the op is defined for unrotated configs
+    cfg = draw(S.configs(head_dim=D)).replace(rotation=TierRotation())
     if cfg.tier_mode == "budget":
         try:
             cfg.keys.counts(D)

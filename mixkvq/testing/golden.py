@@ -183,6 +183,8 @@ def compute(kind: str, params: dict[str, Any], inputs: dict[str, np.ndarray], ba
             out["dequantized_keys"], out["dequantized_values"] = np.asarray(np_(keys)), np.asarray(np_(values))
         out["nbytes"] = np.array(cache.nbytes, dtype=np.int64)
         return out
+    if kind == "rotate":
+        return _compute_rotate(params, inputs, backend)
     raise ValueError(f"unknown golden case kind {kind!r}")
 
 
@@ -266,7 +268,7 @@ def write_vectors(folder: Path) -> list[dict[str, Any]]:
             entry["expect"] = extra["expect"]
         manifest.append(entry)
     (folder / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "cases": manifest}, indent=1) + "\n")
-    return manifest
+    return manifest + write_rotation_vectors(folder)
 
 
 #: Every field of the docs §9 configuration table with its default, in the manifest's order:
@@ -284,10 +286,20 @@ LEGACY_STREAM = "one append(keys, values, queries) of all tokens"
 
 
 def check_vectors(folder: Path, backend: Any = None) -> list[str]:
-    """Recompute every case with ``backend``; return the names of mismatching outputs ([] = pass)."""
-    meta = json.loads((folder / "manifest.json").read_text())
+    """Recompute every case with ``backend``; return the names of mismatching outputs ([] = pass).
+    Checks ``manifest.json`` and, when present, the rotation cases of ``rotation.json``."""
+    failures = check_manifest(folder, "manifest.json", backend)
+    if (folder / ROTATION_MANIFEST).exists():
+        failures += check_manifest(folder, ROTATION_MANIFEST, backend)
+    return failures
+
+
+def check_manifest(folder: Path, manifest: str, backend: Any = None) -> list[str]:
+    """:func:`check_vectors` for the cases of one manifest file of ``folder``."""
+    meta = json.loads((folder / manifest).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder} holds golden vectors of version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        raise ValueError(f"{folder / manifest} holds golden vectors of version {meta.get('format_version')}, "
+                         f"expected {FORMAT_VERSION}")
     failures = []
     for case in meta["cases"]:
         with np.load(folder / f"{case['name']}.npz") as data:
@@ -603,3 +615,145 @@ def _rd_cases(rng: np.random.Generator) -> Iterator[tuple[str, str, dict[str, An
                                                       "rd_bits": 3.3, "rd_value_weight": 1.0}, inputs, {"stream": stream_err}
     yield "cache_rd_key_only", "cache", {"group_size": 32, "residual_length": R, "tier_mode": "rd", "policy": "key_only",
                                          "rd_bits": 4.2, "rd_value_weight": 1.0}, inputs, {"stream": stream}
+
+
+# ---------------------------------------------------------------------------------------
+# Rotation cases (docs/numerics.md §11), format version 1. They live in a manifest of their
+# own, ``rotation.json`` (same form as ``manifest.json``), so readers written for the
+# version-1 manifest's five kinds keep working unchanged; ``check_vectors`` checks both.
+# ---------------------------------------------------------------------------------------
+
+#: the file name of the rotation cases' manifest, next to ``manifest.json``
+ROTATION_MANIFEST = "rotation.json"
+
+
+def _compute_rotate(params: dict[str, Any], inputs: dict[str, np.ndarray], backend: Any) -> dict[str, np.ndarray]:
+    """A ``rotate`` case: ``rotated`` = §11 forward of ``x`` (last axis), ``restored`` = the
+    inverse of ``rotated``, ``signs`` = the seed's sign vector (when the case has a seed).
+    Without ``backend`` the simulator's literal form; with one, the public
+    :func:`mixkvq.rotation.hadamard` on that backend."""
+    from mixkvq.sim import rotation as sim_rotation
+
+    x, seed, P = inputs["x"], params.get("seed"), params.get("block_size")
+    n = int(x.shape[-1]) if x.ndim else 0
+    signs = None if seed is None else sim_rotation.sign_vector(n, seed)
+    if backend is None:
+        y = sim_rotation.hadamard(x, signs=signs, block_size=P)
+        r = sim_rotation.hadamard(y, signs=signs, block_size=P, inverse=True)
+    else:
+        import mixkvq
+        from mixkvq.rotation import hadamard
+
+        be = mixkvq.get_backend(backend)
+        yb = hadamard(be.from_any(x), seed=seed, block_size=P, backend=be)
+        y = np.asarray(be.to_numpy(yb))
+        r = np.asarray(be.to_numpy(hadamard(yb, seed=seed, block_size=P, inverse=True, backend=be)))
+    out = {"rotated": y, "restored": r}
+    if signs is not None:
+        out["signs"] = signs
+    return out
+
+
+def rotation_cases() -> Iterator[tuple[str, str, dict[str, Any], dict[str, np.ndarray], dict[str, Any]]]:
+    """Every §11 case: (name, kind, params, inputs, extra) as in :func:`cases`."""
+    rng = np.random.default_rng(20260115)
+    f32 = np.float32
+    plain = {"seed": None, "block_size": None}
+    # every power of two up to 256: even and odd log2(n) (the normalisation constant's two forms)
+    for n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        x = (rng.standard_normal((4, n)) * rng.uniform(0.01, 100, (4, 1))).astype(np.float32)
+        yield f"rot_n{n}", "rotate", dict(plain), {"x": x}, {}
+    # seeded signs (the SplitMix64 stream, its 64-bit wrap at the largest seed)
+    for n, seed in ((8, 0), (64, 1234567), (128, 2**64 - 1), (256, 20260115)):
+        x = (rng.standard_normal((3, n)) * f32(4)).astype(np.float32)
+        x[:, 5] *= f32(40)  # an outlier channel
+        yield f"rot_n{n}_seed{seed}", "rotate", {"seed": seed, "block_size": None}, {"x": x}, {}
+    # sizes that are not powers of two: blocks of the largest power of two dividing n
+    for n in (3, 12, 80, 96, 100, 112, 136):
+        x = rng.standard_normal((3, n)).astype(np.float32)
+        yield f"rot_n{n}_blocks", "rotate", {"seed": 7, "block_size": None}, {"x": x}, {}
+    # an explicit block size smaller than the default
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    yield "rot_n128_block32", "rotate", {"seed": 3, "block_size": 32}, {"x": x}, {}
+    yield "rot_n96_block8", "rotate", {"seed": None, "block_size": 8}, {"x": x[:, :96].copy()}, {}
+    # special values: signed zeros (a + b and a - b of zeros, a negation by a sign), float32
+    # and float16 subnormals (no flush to zero), float16 extremes, sums that round (ties at
+    # 2^24), magnitudes near float32's limit whose rotation stays finite.
+    n = 16
+    rows = [
+        np.zeros(n, f32), np.full(n, -0.0, f32), np.where(np.arange(n) % 2, 0.0, -0.0).astype(f32),
+        (np.arange(n) * f32(1e-44)).astype(f32), np.full(n, np.finfo(np.float16).smallest_subnormal, f32),
+        np.where(np.arange(n) % 3 == 0, 65504.0, -65504.0).astype(f32),
+        (f32(2**24) + (np.arange(n) % 4)).astype(f32), np.where(np.arange(n) % 2, 1.0, 2.0**-24).astype(f32),
+        np.where(np.arange(n) < 2, 1.0e37, 0.0).astype(f32), (np.arange(n) == 0).astype(f32),
+        np.full(n, 2.0e37, f32),  # 16 * 2e37 = 3.2e38: the last stage stays below the limit
+    ]
+    specials = np.stack(rows)
+    yield "rot_specials", "rotate", dict(plain), {"x": specials}, {}
+    yield "rot_specials_seed", "rotate", {"seed": 99, "block_size": None}, {"x": specials}, {}
+    # input dtypes (§1): float16 upcast exactly, float64 rounded to nearest even
+    yield "rot_f16in", "rotate", {"seed": 5, "block_size": None}, {"x": (rng.standard_normal((3, 64)) * 30).astype(np.float16)}, {}
+    yield "rot_f64in", "rotate", {"seed": 5, "block_size": None}, {"x": rng.standard_normal((3, 24)) * 3.0 + 1e-9}, {}
+    # rejections: a non-finite input (named, first index), a sum beyond float32's range
+    # (the first non-finite result), a block size that is not a power of two dividing n
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    x[1, 5], x[1, 6] = np.nan, np.inf
+    yield "rot_error_non_finite", "error", {"call": "rotate", **plain}, {"x": x}, \
+        {"expect": {"type": "ValueError", "match": ["x", "(1, 5)", "non-finite"]}}
+    x = np.zeros((2, 4), f32)
+    x[1, :2] = 3.0e38
+    yield "rot_error_overflow", "error", {"call": "rotate", **plain}, {"x": x}, \
+        {"expect": {"type": "ValueError", "match": ["x", "(1, 0)", "overflows float32"]}}
+    yield "rot_error_block_size", "error", {"call": "rotate", "seed": None, "block_size": 3}, {"x": np.zeros((1, 12), f32)}, \
+        {"expect": {"type": "ValueError", "match": ["block_size", "power of two"]}}
+    yield from _rotated_cache_cases(rng)
+
+
+def _rotated_cache_cases(rng: np.random.Generator) -> Iterator[tuple[str, str, dict[str, Any], dict[str, np.ndarray], dict[str, Any]]]:
+    """§11.6: caches whose key tier sets (salience first, on the unrotated keys) and values
+    rotate. D = 24 so the sets are not powers of two (budget [2, 4]: 4 mid channels, 18 low
+    = blocks 16 + 2)."""
+    B, H, n_rep, T, D = 2, 2, 3, 200, 24
+    k = rng.standard_normal((B, H, T, D)).astype(np.float16)
+    k[:, :, :, 5] *= 20  # an outlier channel
+    k[:, :, :, 11] += 6
+    v = rng.standard_normal((B, H, T, D)).astype(np.float16)
+    v[:, :, :, 3] *= 12
+    q = rng.standard_normal((B, H * n_rep, T, D)).astype(np.float16)
+    q[:, :, :, 7] *= 8
+    inputs = {"keys": k, "values": v, "queries": q}
+    base = {"group_size": 32, "residual_length": 64, "meta_dtype": "float16", "rotation_seed": 2026}
+    yield "cache_rot_budget_tiers", "cache", {**base, "tier_mode": "budget", "budget": [2, 4], "key_rotation": "tiers"}, inputs, {}
+    yield "cache_rot_budget_low_values", "cache", {**base, "tier_mode": "budget", "budget": [2, 4], "key_rotation": "low",
+                                                   "value_rotation": True}, inputs, {}
+    yield "cache_rot_threshold", "cache", {**base, "tier_mode": "threshold", "thresholds": [1.55, 1.2],
+                                           "key_rotation": "tiers", "value_rotation": True}, inputs, {}
+    yield "cache_rot_rd", "cache", {**base, "tier_mode": "rd", "rd_bits": 4.0, "rd_value_weight": 1.0,
+                                    "key_rotation": "tiers", "value_rotation": True}, inputs, {}
+    yield "cache_rot_kivi_sliding", "cache", {**base, "policy": "uniform", "value_window": "sliding", "value_bits": 3,
+                                              "key_rotation": "tiers", "value_rotation": True,
+                                              "rotation_seed": 2**64 - 1}, inputs, {}
+    # two constant channels of 2e38 in one low set: unrotated they quantize (float32 metadata),
+    # rotated their sum leaves float32 — the flush is rejected
+    kf = np.zeros((1, 1, 64, 8), np.float32)
+    kf[..., 0], kf[..., 1] = 2e38, 2e38
+    small = {"keys": kf, "values": np.zeros_like(kf), "queries": np.ones_like(kf)}
+    params = {"group_size": 32, "residual_length": 64, "meta_dtype": "float32", "policy": "key_only",
+              "tier_mode": "budget", "budget": [0, 0], "key_rotation": "tiers"}
+    yield "cache_rot_error_overflow", "error", {"call": "cache", **params}, small, \
+        {"expect": {"type": "ValueError", "match": ["rotating keys overflows float32"]}}
+
+
+def write_rotation_vectors(folder: Path) -> list[dict[str, Any]]:
+    """Write the :func:`rotation_cases` npz files and ``rotation.json`` into ``folder``."""
+    manifest = []
+    for name, kind, params, inputs, extra in rotation_cases():
+        outputs = compute(kind, params, inputs, expect=extra.get("expect"))
+        np.savez_compressed(folder / f"{name}.npz", **{f"in_{k}": v for k, v in inputs.items()},
+                            **{f"out_{k}": v for k, v in outputs.items()})
+        entry = {"name": name, "kind": kind, "params": params}
+        if "expect" in extra:
+            entry["expect"] = extra["expect"]
+        manifest.append(entry)
+    (folder / ROTATION_MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "cases": manifest}, indent=1) + "\n")
+    return manifest

@@ -163,7 +163,8 @@ def kv_shapes(draw: Any, *, max_tokens: int = 70) -> tuple[int, int, int, int, i
 def configs(draw: Any, *, head_dim: int | None = None) -> MixKVQConfig:
     """A valid :class:`MixKVQConfig` covering every policy, every key strategy, every bit
     width, group size, residual length, metadata dtype, high dtype and value window (drawn in
-    the flat form; the fields a strategy does not use are dropped by ``from_dict``)."""
+    the flat form; the fields a strategy does not use are dropped by ``from_dict``), and
+    in about one draw of four a §11.6 rotation of key tier sets and/or values."""
     policy = draw(st.sampled_from(POLICIES))
     tier_mode = draw(st.sampled_from(["budget", "threshold", "rd"]))
     if tier_mode == "rd" and policy == "uniform":
@@ -190,11 +191,15 @@ def configs(draw: Any, *, head_dim: int | None = None) -> MixKVQConfig:
         rd = dict(bit_ladder=tuple(ladder), value_bit_ladder=tuple(value_ladder),
                   rd_bits=_rd_min_bits(CostModel.of(residual_length, group_size, head_dim or 40, meta_dtype), ladder[0],
                                        value_ladder[0]) + draw(st.sampled_from([0.0, 0.3, 1.0, 4.0, 20.0])))
+    rotation: dict[str, Any] = {}
+    if draw(st.integers(0, 3)) == 0:
+        rotation = dict(key_rotation=draw(st.sampled_from(["none", "tiers", "low"])), value_rotation=draw(st.booleans()),
+                        rotation_seed=draw(st.sampled_from([0, 1, 2**64 - 1])))
     return MixKVQConfig.from_dict(dict(
         policy=policy, tier_mode=tier_mode, budget=list(budget), thresholds=list(thresholds),
         high_dtype=draw(high_dtypes), mid_bits=mid_bits, low_bits=low_bits,
         value_bits=draw(bits), group_size=group_size, residual_length=residual_length,
-        value_window=value_window, meta_dtype=meta_dtype, **rd,
+        value_window=value_window, meta_dtype=meta_dtype, **rd, **rotation,
     ))
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
 from mixkvq.config import MixKVQConfig
-from mixkvq.schemes import UniformKeys, ValueQuant
+from mixkvq.schemes import TierRotation, UniformKeys, ValueQuant
 from ..layer_budget import LayerProfile
 
 
@@ -23,9 +23,11 @@ class Method:
     Attributes:
         name: short id used on the command line and in results.
         kind: ``"full"`` (transformers DynamicCache), ``"mixkvq"`` (MixKVQCache with
-            ``config``), ``"quanto"`` / ``"hqq"`` (transformers QuantizedCache).
+            ``config``), ``"quanto"`` / ``"hqq"`` (transformers QuantizedCache),
+            ``"rotated"`` (:class:`~mixkvq.apps.eval.rotated.RotatedCache` with ``options``).
         config: the MixKVQ config (kind ``"mixkvq"``).
-        options: QuantizedCache options (``nbits``, ``q_group_size``, ``residual_length``).
+        options: QuantizedCache options (``nbits``, ``q_group_size``, ``residual_length``);
+            for ``"rotated"`` the RotatedCache arguments.
         description: what the row is, for the table.
         layer_profile: for ``rd`` configs, a :class:`~mixkvq.apps.layer_budget.LayerProfile` that
             splits ``config.rd_bits`` across layers (see :attr:`layer_configs`).
@@ -61,6 +63,8 @@ class Method:
         """
         if self.kind == "full":
             return None
+        if self.kind == "rotated":  # blocks of R complete at multiples of R, like block-window MixKVQ
+            return int(self.options.get("residual_length", 128))
         if self.kind != "mixkvq" or self.config is None:
             return 1
         configs = [self.config, *(c for c in (self.layer_configs or {}).values() if c is not None)]
@@ -140,6 +144,52 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
             out[name] = Method(name, "mixkvq", rd_cfg, layer_profile=layer_profile,
                                description=f"rd allocation with per-layer budgets from the layer profile, "
                                            f"{bits:g} true bits/element on average")
+    to_rotate = {n: m for n, m in out.items() if n in ("mixkvq", "mixkvq_thr", "mixkvq_v3") or n.startswith("rd")}
+    out.update(rotated_methods(budget_cfg, G, R, to_rotate))
+    return out
+
+
+def _split_name(key_bits: int, value_bits: int) -> str:
+    return f"{key_bits}" if key_bits == value_bits else f"_k{key_bits}v{value_bits}"
+
+
+def rotated_token(key_bits: int, value_bits: int, group_size: int = 32, residual_length: int = 128,
+                  seed: int = 0) -> Method:
+    """``rot_tok<split>``: the §11 rotation with seeded signs, then per-token keys and values
+    (mixkvq/apps/eval/rotated.py; the llama.cpp / vLLM recipe), residual ``R`` exact."""
+    name = "rot_tok" + _split_name(key_bits, value_bits)
+    return Method(name, "rotated", options={"key_bits": key_bits, "value_bits": value_bits, "group_size": group_size,
+                                            "residual_length": residual_length, "seed": seed},
+                  description=f"Hadamard rotation (seed {seed}) + per-token K{key_bits}/V{value_bits}, G={group_size} "
+                              "(llama.cpp / vLLM rotated-cache recipe, this project's implementation)")
+
+
+def rotated_methods(base: MixKVQConfig, group_size: int = 32, residual_length: int = 128,
+                    rotated_rows: "dict[str, Method] | None" = None) -> dict[str, Method]:
+    """The rotated rows: ``rot_tok<split>`` and ``rot_kivi<split>`` (rotation + KIVI: a
+    uniform config with every key channel and the values rotated, §11.6) at every K/V split of
+    2..4; and MixKVQ with rotation inside its tiers — ``<row>_rot`` (key tier sets and values
+    rotated) for each row of ``rotated_rows``, and the ablations ``mixkvq_rotk`` (key tier
+    sets only), ``mixkvq_rotlow`` (the 2-bit set only), ``mixkvq_rotv`` (values only)."""
+    out: dict[str, Method] = {}
+    both = TierRotation("tiers", values=True)
+    for kb in (2, 3, 4):
+        for vb in (2, 3, 4):
+            m = rotated_token(kb, vb, group_size, residual_length)
+            out[m.name] = m
+            name = "rot_kivi" + _split_name(kb, vb)
+            cfg = MixKVQConfig(keys=UniformKeys(kb), values=ValueQuant(vb), group_size=group_size,
+                               residual_length=residual_length, rotation=both)
+            out[name] = Method(name, "mixkvq", cfg, description=f"Hadamard rotation + KIVI K{kb}/V{vb} "
+                                                                "(per-channel keys, per-token values)")
+    for name, m in (rotated_rows or {}).items():
+        out[f"{name}_rot"] = replace(m, name=f"{name}_rot", config=m.config.replace(rotation=both),
+                                     description=m.description + "; key tier sets and values rotated (§11.6)")
+    for suffix, rot, what in (("rotk", TierRotation("tiers"), "key tier sets rotated"),
+                              ("rotlow", TierRotation("low"), "the 2-bit key set rotated"),
+                              ("rotv", TierRotation(values=True), "values rotated")):
+        out[f"mixkvq_{suffix}"] = Method(f"mixkvq_{suffix}", "mixkvq", base.replace(rotation=rot),
+                                         description=f"MixKVQ default tiers, {what} (§11.6)")
     return out
 
 
@@ -149,12 +199,18 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
 RD_BUDGETS = (3.03125, 3.15625, 3.25, 3.53125, 3.75, 3.859375, 4.03125, 4.25, 4.53125)
 
 
+#: the rotated rows of the frontier between 3.0 and 4.5 block bits (docs/rotation.md)
+ROTATED_FRONTIER = ("rot_tok2", "rot_tok_k3v2", "rot_tok_k2v3", "rot_tok3", "rot_tok_k4v2", "rot_tok_k4v3",
+                    "rot_kivi2", "rot_kivi_k3v2", "rot_kivi3", "rot_kivi_k4v3", "mixkvq_rot", "mixkvq_thr_rot",
+                    "rdl3.25_rot", "rdl4.03125_rot")
+
 QUICK_METHODS = ("full", "kivi2", "kivi4", "quanto2_kc", "mixkvq", "mixkvq_thr", "key_only", "query_only")
 FULL_METHODS = QUICK_METHODS + ("quanto2", "kivi3", "kivi2_g64", "kivi2_g128", "kivi3_g64", "kivi3_g128",
                                 "kivi4_g64", "kivi4_g128")
 #: the quality-per-bit frontier: KIVI at every K/V split, MixKVQ tiers, the rd allocator's budgets
 FRONTIER_METHODS = ("full", "kivi2", "kivi_k2v3", "kivi_k2v4", "kivi_k3v2", "kivi3", "kivi_k3v4", "kivi_k4v2",
                     "kivi_k4v3", "kivi4", "mixkvq", "mixkvq_nohigh", "mixkvq_v3", "mixkvq_thr",
+                    *ROTATED_FRONTIER,
                     *(f"rd{b:g}" for b in RD_BUDGETS), *(f"rdl{b:g}" for b in RD_BUDGETS))
 
 
@@ -188,6 +244,10 @@ def build_cache(method: Method, model: Any) -> Any:
             raise MethodUnavailable(f"{method.kind} is not installed ({str(exc).splitlines()[0]})") from None
         except Exception as exc:  # noqa: BLE001 - report, never fake
             raise MethodUnavailable(f"QuantizedCache({method.kind}) failed: {type(exc).__name__}: {exc}") from None
+    if method.kind == "rotated":
+        from .rotated import RotatedCache
+
+        return RotatedCache(model_config=model.config, **method.options)
     raise ValueError(f"unknown method kind {method.kind!r}")
 
 
@@ -218,6 +278,10 @@ def cache_stats(cache: Any) -> dict[str, float]:
     if isinstance(cache, MixKVQCache):
         return {"nbytes": cache.nbytes, "bits_per_element": cache.bits_per_element, "nominal_bits": cache.nominal_bits,
                 "block_bits": cache.block_bits}
+    from .rotated import RotatedCache
+
+    if isinstance(cache, RotatedCache):
+        return cache.stats()
     nbytes = elements = 0
     nominal = None
     for layer in cache.layers:

@@ -59,6 +59,10 @@ class PageLayout:
     def __init__(self, config: MixKVQConfig, heads: int, head_dim: int) -> None:
         if config.values.window != "block":
             raise NotImplementedError("the vLLM backend stores values per block (value_window='block')")
+        if config.rotation.active:
+            raise NotImplementedError("the vLLM backend's fused kernels read unrotated rows: key_rotation / "
+                                      "value_rotation (docs/numerics.md §11.6) are not supported there; "
+                                      "leave them at their defaults")
         self.config, self.heads, self.head_dim = config, int(heads), int(head_dim)
         H, D, R, G = self.heads, self.head_dim, config.residual_length, config.group_size
         self.R = R

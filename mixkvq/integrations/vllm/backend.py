@@ -47,7 +47,7 @@ _KIND = {torch.float32: DTYPE_KIND["float32"], torch.float16: DTYPE_KIND["float1
 STALE_STEPS = int(os.environ.get("MIXKVQ_VLLM_STALE_STEPS", "32"))
 #: how many forwards actually ran through this backend in this process (tests read it)
 STATS = {"forwards": 0, "packed_blocks": 0, "attention_calls": 0, "t_update": 0.0, "t_attend": 0.0, "t_observe": 0.0,
-         "t_pack": 0.0}
+         "t_pack": 0.0, "t_prefill": 0.0}
 
 
 def load_config() -> MixKVQConfig:
@@ -343,7 +343,15 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
                                    f"{0 if ent is None else ent.n}")
             ent.seen = self._step
             res.append((j, ent, need))
-        attends.append(self._plan_attention(q, out, L, nkb, bt, res, kv_cache))
+        if nkb == 0 and n_new > 1:
+            # a prompt (or its first chunks) before any of its blocks is packed: every key is
+            # exact, as in the transformers path's prefill — torch's SDPA kernel in the model
+            # dtype, not the decode-shaped fused kernel (which would be O(n^2) scalar work)
+            t0 = time.perf_counter()
+            self._attend_exact(q, out, L, res)
+            STATS["t_prefill"] += time.perf_counter() - t0
+        else:
+            attends.append(self._plan_attention(q, out, L, nkb, bt, res, kv_cache))
         t1 = time.perf_counter()
         # the queries of the new tokens -> their blocks' sums (tokens of packed blocks: already in)
         if u is not None:  # (H, n_new, D)
@@ -416,6 +424,25 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
                rk.data_ptr() if r else 0, r, nkb, vc.ctypes.data, vptr.ctypes.data, rv.data_ptr() if r else 0, r]
         kind = _KIND[rk.dtype] if r else None
         return row, (q32, tier_ptrs, kptr, vptr, rk, rv, vc), o, out, kind
+
+    def _attend_exact(self, q: torch.Tensor, out: torch.Tensor, L: int, res: list) -> None:
+        """Causal attention of the last ``n_new`` of ``L`` tokens over the ``L`` exact tokens of
+        the request's residual blocks (no block packed yet)."""
+        n_new = int(q.shape[0])
+        parts = [(e.keys[:, :need], e.values[:, :need]) for _, e, need in res]
+        k = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=1)
+        v = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=1)
+        qh = q.transpose(0, 1).unsqueeze(0).to(k.dtype)  # (1, Hq, n_new, D)
+        kh, vh = k.unsqueeze(0), v.unsqueeze(0)          # (1, H, L, D)
+        if n_new == L:
+            o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale,
+                                                                 enable_gqa=self.n_rep > 1)
+        else:  # queries at positions L - n_new .. L - 1: a bottom-right causal mask
+            pos = torch.arange(L - n_new, L).unsqueeze(1)
+            mask = torch.arange(L).unsqueeze(0) <= pos
+            o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
+                                                                 enable_gqa=self.n_rep > 1)
+        out.copy_(o[0].transpose(0, 1))
 
     def _attend_all(self, attends: list) -> None:
         """Every planned request of this forward in one native call (the CPU backend's fused

@@ -56,3 +56,19 @@ def test_paired_difference_is_the_mean_and_standard_error_over_samples():
     table = frontier_sections(res)
     assert "## Frontier check: rdl<bits>" in table and "rd<bits>" not in table.replace("rdl<bits>", "")
     assert f"| {1000 * mean:+.2f} ± {1000 * se:.2f} |" in table
+
+
+def test_rotated_baselines_meet_the_best_mixkvq_row_at_or_below_their_bytes():
+    from mixkvq.apps.eval.report import rotation_checks
+
+    res = _results(_row("rot_tok2", 3.0, 1.9), _row("rot_tok3", 4.0, 0.30), _row("rot_kivi3", 4.03125, 0.25),
+                   _row("rdl3.03125", 3.03125, 2.3), _row("rdl4.03125", 4.03125, 0.2), _row("mixkvq_v3_rot", 3.86, 0.28),
+                   _row("kivi3", 4.03125, 0.1))  # a KIVI row is a baseline, not one of MixKVQ's rows
+    table, ok = rotation_checks(res)
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in table.splitlines()[2:]}
+    assert "mixkvq_v3_rot" in lines["rot_tok3"] and "| yes |" in lines["rot_tok3"]   # best at <= 4.0 bits
+    assert "rdl4.03125" in lines["rot_kivi3"] and "| yes |" in lines["rot_kivi3"]
+    assert "no row ≤ bytes (+0.031 bits)" in lines["rot_tok2"] and not ok          # nothing at 3.0 bits
+    _, ok = rotation_checks(_results(_row("rot_tok3", 4.0, 0.30), _row("rd4", 4.0, 0.31)))
+    assert not ok
+    assert "rotated baseline" in frontier_sections(res)

@@ -1,0 +1,70 @@
+"""Merge `mixkvq eval` results of runs on the same samples into one results file.
+
+    python scripts/merge_results.py docs/results_frontier.json run1/results.json run2/results.json \
+        -o docs/results_rotation.json --plot docs/results_rotation.png --md rotation_tables.md
+
+Runs must share their settings (samples, lengths, seed); quality columns are deterministic,
+so a row present in several runs must agree (perplexity and KL to 1e-9) — the check that the
+runs scored the same tokens. A later run's copy of a row replaces an earlier one (it may add
+per-sample NLLs). Writes the merged JSON, optionally the plot and the markdown of the
+frontier checks (eval's own tables: rd/rdl against KIVI and the tiers, MixKVQ against the
+rotated baselines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from mixkvq.apps.eval.report import frontier_sections, markdown_table, plot, save_json
+
+
+def merge(paths: "list[Path]") -> dict:
+    merged: dict | None = None
+    rows: dict[str, dict] = {}
+    for p in paths:
+        res = json.loads(p.read_text())
+        if merged is None:
+            merged = {k: v for k, v in res.items() if k != "results"}
+            merged["command"] = [merged.get("command")]
+        else:
+            if res["settings"] != merged["settings"]:
+                raise SystemExit(f"{p}: settings {res['settings']} differ from {merged['settings']}")
+            merged["command"].append(res.get("command"))
+            merged["seconds"] = (merged.get("seconds") or 0) + (res.get("seconds") or 0)
+        for r in res["results"]:
+            old = rows.get(r["name"])
+            if old is not None and r.get("available") and old.get("available"):
+                for key in ("ppl", "kl"):
+                    a, b = old.get(key), r.get(key)
+                    if a is not None and b is not None and not math.isclose(a, b, rel_tol=0, abs_tol=1e-9):
+                        raise SystemExit(f"{p}: row {r['name']} has {key} {b} where an earlier run has {a}: "
+                                         "the runs did not score the same tokens")
+            rows[r["name"]] = r if old is None or r.get("nll_per_sample") or not old.get("nll_per_sample") else old
+    assert merged is not None
+    merged["results"] = list(rows.values())
+    return merged
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("-o", "--output", type=Path, required=True)
+    ap.add_argument("--plot", type=Path)
+    ap.add_argument("--md", type=Path)
+    ap.add_argument("--title", default="")
+    a = ap.parse_args()
+    merged = merge(a.results)
+    save_json(merged, a.output)
+    if a.plot:
+        plot(merged, a.plot, title=a.title)
+    text = markdown_table(merged) + "\n" + frontier_sections(merged)
+    if a.md:
+        a.md.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,11 +16,8 @@ import json
 from mixkvq.integrations.vllm import bench
 
 
-TIMEOUT = 1800
-
-
-def engine_run(enabled: bool, what: str, **kw) -> dict:
-    return bench.engine_in_subprocess(what, enabled=enabled, timeout=TIMEOUT, **kw)
+def engine_run(enabled: bool, what: str, *, timeout: int, **kw) -> dict:
+    return bench.engine_in_subprocess(what, enabled=enabled, timeout=timeout, **kw)
 
 
 def main() -> None:
@@ -32,10 +29,9 @@ def main() -> None:
     ap.add_argument("--batches", default=None, help="throughput: concurrent requests, e.g. 1,4,16 (default; --quick: 1,4)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="throughput: model dtype of both engines (default float32)")
-    ap.add_argument("--timeout", type=int, default=TIMEOUT, help="seconds per engine run")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per engine run")
     ap.add_argument("--kv-mib", type=int, default=bench.KV_BYTES >> 20, help="KV cache memory of every engine (MiB)")
     a = ap.parse_args()
-    globals()["TIMEOUT"] = a.timeout
     bench.setup_env()
     batches = [int(x) for x in a.batches.split(",")] if a.batches else ([1, 4] if a.quick else [1, 4, 16])
     new = 32 if a.quick else 64
@@ -46,10 +42,10 @@ def main() -> None:
     part = a.only
     out["capacity"] = {}
     if part in (None, "capacity"):  # stock bf16 (stock fp32 and MixKVQ come with the throughput runs)
-        out["capacity"]["stock_bf16"] = engine_run(False, "capacity", dtype="bfloat16", kv_bytes=kv_bytes)["kv_tokens"]
+        out["capacity"]["stock_bf16"] = engine_run(False, "capacity", timeout=a.timeout, dtype="bfloat16", kv_bytes=kv_bytes)["kv_tokens"]
         print(out, flush=True)
     if part == "capacity":
-        out["capacity"]["mixkvq"] = engine_run(True, "capacity", dtype="float32", kv_bytes=kv_bytes)["kv_tokens"]
+        out["capacity"]["mixkvq"] = engine_run(True, "capacity", timeout=a.timeout, dtype="float32", kv_bytes=kv_bytes)["kv_tokens"]
         out["capacity"]["ratio_vs_bf16"] = out["capacity"]["mixkvq"] / out["capacity"]["stock_bf16"]
         print(json.dumps(out, indent=1))
         return
@@ -61,8 +57,8 @@ def main() -> None:
     prompts = bench.prompts_from_wiki(tok, lengths)
     kw = dict(dtype=a.dtype, batches=batches, max_tokens=new, prompt_len=a.prompt_len, kv_bytes=kv_bytes)
     if part in (None, "throughput"):
-        ours = engine_run(True, "throughput", **kw)
-        stock = engine_run(False, "throughput", **kw)
+        ours = engine_run(True, "throughput", timeout=a.timeout, **kw)
+        stock = engine_run(False, "throughput", timeout=a.timeout, **kw)
         out["capacity"].update(stock_fp32=stock["kv_tokens"], mixkvq=ours["kv_tokens"])
         if "stock_bf16" in out["capacity"]:
             out["capacity"]["ratio_vs_bf16"] = ours["kv_tokens"] / out["capacity"]["stock_bf16"]
@@ -76,8 +72,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in out.items() if k != "impls"}, indent=1))
         return
 
-    v_ours = engine_run(True, "generate", dtype="float32", prompts=prompts, max_tokens=new, kv_bytes=kv_bytes)["outputs"]
-    v_stock = engine_run(False, "generate", dtype="float32", prompts=prompts, max_tokens=new, kv_bytes=kv_bytes)["outputs"]
+    v_ours = engine_run(True, "generate", timeout=a.timeout, dtype="float32", prompts=prompts, max_tokens=new, kv_bytes=kv_bytes)["outputs"]
+    v_stock = engine_run(False, "generate", timeout=a.timeout, dtype="float32", prompts=prompts, max_tokens=new, kv_bytes=kv_bytes)["outputs"]
     h_mix = bench.hf_generate(prompts, new)
     h_full = bench.hf_generate(prompts, new, mixkvq=False)
     out["agreement"] = {

@@ -158,6 +158,12 @@ def paired_nll_difference(a: dict[str, Any], b: dict[str, Any]) -> "tuple[float,
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
 
 
+def _paired_cell(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """The "paired ΔNLL ×1000 (± SE)" cell of ``a`` minus ``b``, "–" without per-sample NLLs."""
+    paired = paired_nll_difference(a, b)
+    return f"{1000 * paired[0]:+.2f} ± {1000 * paired[1]:.2f}" if paired else "–"
+
+
 def frontier_checks(results: dict[str, Any], *, allocator: str = "rd", lo: float = 3.0, hi: float = 4.6,
                     tier_margin: float = 0.25) -> tuple[str, bool]:
     """An allocator's rows (``<allocator><bits>``, e.g. ``rd3.5``) against every KIVI split and
@@ -191,8 +197,7 @@ def frontier_checks(results: dict[str, Any], *, allocator: str = "rd", lo: float
         ok = a["delta_ppl"] <= bound
         ok_all &= ok
         target = f"≤ {1 - tier_margin:.2f}× ({bound:+.3f})" if tier else f"≤ {bound:+.3f}"
-        paired = paired_nll_difference(a, c)
-        paired_s = f"{1000 * paired[0]:+.2f} ± {1000 * paired[1]:.2f}" if paired else "–"
+        paired_s = _paired_cell(a, c)
         lines.append(f"| {c['name']} | {c['block_bits']:.3f} | {c['delta_ppl']:+.3f} | {c['kl']:.4f} | {a['name']} | "
                      f"{a['block_bits']:.3f} | {a['delta_ppl']:+.3f} | {a['kl']:.4f} | {target} | {'yes' if ok else '**no**'} "
                      f"| {paired_s} |")
@@ -240,8 +245,7 @@ def rotation_checks(results: dict[str, Any], *, lo: float = 3.0, hi: float = 4.6
             a, ok = above[0], False
             met = f"no row ≤ bytes (+{a['block_bits'] - c['block_bits']:.3f} bits)"
         ok_all &= ok
-        paired = paired_nll_difference(a, c)
-        paired_s = f"{1000 * paired[0]:+.2f} ± {1000 * paired[1]:.2f}" if paired else "–"
+        paired_s = _paired_cell(a, c)
         lines.append(f"| {c['name']} | {c['block_bits']:.3f} | {c['delta_ppl']:+.3f} | {c['kl']:.4f} | {a['name']} | "
                      f"{a['block_bits']:.3f} | {a['delta_ppl']:+.3f} | {a['kl']:.4f} | {met} | {paired_s} |")
     return "\n".join(lines) + "\n", ok_all

@@ -54,7 +54,6 @@ class _TokenBlocks:
     def __init__(self, backend: Backend, key_bits: int, value_bits: int, group_size: int, meta_dtype: str) -> None:
         self.backend, self.bits, self.G, self.meta = backend, (key_bits, value_bits), group_size, meta_dtype
         self.stored: list[tuple[Any, Any, Any]] = []  # (packed, scale, zero), keys and values alternately
-        self.n_elements = 0
 
     def add(self, k: Any, v: Any) -> tuple[Any, Any]:
         """Store a rotated float32 block ``(B, H, R, D)``; return it dequantized (float32)."""
@@ -64,7 +63,6 @@ class _TokenBlocks:
             packed, scale, zero = be.quantize(x, bits, self.G, self.meta, name)
             self.stored.append((packed, scale, zero))
             out.append(be.dequantize(packed, scale, zero, bits, self.G, D, "float32"))
-            self.n_elements += int(x.numel() if isinstance(x, torch.Tensor) else x.size)
         return out[0], out[1]
 
     @property

@@ -8,6 +8,8 @@
 // without -ffast-math, so every float operation is the IEEE operation the spec names; the
 // loops are written so that the compiler vectorises them under those rules (division,
 // round-to-nearest-even, compares and selects vectorise exactly; nothing is reassociated).
+// The one exception is the fused attention, which is not stored bytes: its dot products and
+// weighted sums are explicit fused multiply-adds in a fixed order (docs/cpu.md).
 //
 // Threads: OpenMP over independent rows (quantization) or over (KV head, token split)
 // tasks (attention); every thread writes disjoint outputs, so results do not depend on
@@ -20,6 +22,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 typedef long long i64;
@@ -454,17 +458,409 @@ struct AttnArgs {
     i64 rv;
 };
 
+// ---- vector tiles -----------------------------------------------------------------------------
+// The attention works on tiles of VW lanes: VW tokens of one key channel (scores), VW channels
+// of one value row (outputs). GCC vector types: one AVX-512 register here, two AVX2 or four
+// SSE registers elsewhere, the same lanes. Attention is not stored bytes, so its dot products
+// and weighted sums use fused multiply-adds (docs/conformance.md's tolerance bounds any
+// order and any rounding of those sums); every lane does what the scalar fallback does, so
+// the result does not depend on the ISA, and the order is fixed, so it does not depend on the
+// thread count. Dequantization stays §4's multiply, then add: the keys and values attended to
+// are the decoded ones bit for bit.
+constexpr int VW = 16;
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int vi __attribute__((vector_size(VW * 4)));
+typedef unsigned vu __attribute__((vector_size(VW * 4)));
+typedef unsigned char v16u8 __attribute__((vector_size(16)));
+typedef unsigned short v16u16 __attribute__((vector_size(32)));
+static_assert(VW == 16, "the code loaders below are written for 16 lanes");
+
+// (not vf{} + x: without fast-math that is a real addition of +0)
+static inline vf vbroadcast(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline vu vbroadcast_u(unsigned x) { return vu{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+static inline vf vfma(vf a, vf b, vf c) {  // a * b + c, one rounding per lane
+#if defined(__AVX512F__)
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+    typedef float v8f __attribute__((vector_size(32)));
+    v8f lo = (v8f)_mm256_fmadd_ps((__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
+                                  (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
+                                  (__m256)__builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7));
+    v8f hi = (v8f)_mm256_fmadd_ps((__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
+                                  (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15),
+                                  (__m256)__builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15));
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    vf r;
+    for (int i = 0; i < VW; ++i) r[i] = fmaf(a[i], b[i], c[i]);
+    return r;
+#endif
+}
+
+// sum of the lanes, pairwise halving (a fixed order)
+static inline float vsum(vf x) {
+    typedef float v8f __attribute__((vector_size(32)));
+    typedef float v4f __attribute__((vector_size(16)));
+    v8f h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4f g = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (g[0] + g[2]) + (g[1] + g[3]);
+}
+
+// 16 codes of BITS bits, LSB first from the byte p (the tile starts on a byte: 16·BITS bits)
+template <int BITS>
+static inline vu codes16(const u8* p);
+template <>
+inline vu codes16<1>(const u8* p) {
+    unsigned short w;
+    memcpy(&w, p, 2);
+    const vu sh = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    return (vbroadcast_u(w) >> sh) & 1u;
+}
+template <>
+inline vu codes16<2>(const u8* p) {
+    unsigned w;
+    memcpy(&w, p, 4);
+    const vu sh = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    return (vbroadcast_u(w) >> sh) & 3u;
+}
+template <>
+inline vu codes16<4>(const u8* p) {
+    const vu sh = {0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28};
+#if defined(__AVX512F__)
+    // one 8-byte load, its two words spread over the lanes by one permute (a vector built from
+    // two scalars, or widened from 16 bytes, goes through the stack: a store-forwarding stall)
+    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const vu w = (vu)_mm512_permutexvar_epi32(idx, _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i*)p)));
+#else
+    unsigned lo, hi;
+    memcpy(&lo, p, 4);
+    memcpy(&hi, p + 4, 4);
+    const vu w = {lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi};
+#endif
+    return (w >> sh) & 15u;
+}
+template <>
+inline vu codes16<8>(const u8* p) {
+    v16u8 b;
+    memcpy(&b, p, 16);
+    return __builtin_convertvector(b, vu);
+}
+
+// n <= 16 codes of any width from code index `first` of a row of rb bytes; lanes >= n are 0
+static inline vu codes_any(const u8* row, i64 first, int n, int bits, int rb) {
+    vu c{};
+    for (int i = 0; i < n; ++i) c[i] = mixkvq_read_code(row, first + i, bits, rb);
+    return c;
+}
+
+static inline vf dequant16(vu codes, vf sc, vf z) {  // §4: fl(fl(c * s) + z)
+    return __builtin_convertvector((vi)codes, vf) * sc + z;
+}
+
+// n <= 16 elements of a 16-bit row (bfloat16 or float16 bits) -> float32 (exact); lanes >= n are 0
+static inline vf half16(const u16* p, int n, int kind) {
+    if (n == VW && kind == MIXKVQ_KIND_BF16) {
+        v16u16 h;
+        memcpy(&h, p, 32);
+        return (vf)(__builtin_convertvector(h, vu) << 16);
+    }
+#if defined(__AVX512F__)
+    if (n == VW) return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#endif
+    vf x{};
+    for (int i = 0; i < n; ++i)
+        x[i] = kind == MIXKVQ_KIND_BF16 ? __uint_as_float((unsigned)p[i] << 16) : mixkvq_f16_bits_to_f32(p[i]);
+    return x;
+}
+
+// n <= 16 elements of a full-precision row of any input kind -> float32; lanes >= n are 0
+static inline vf load16(const void* x, int kind, i64 base, int n) {
+    if (kind != MIXKVQ_KIND_F32) return half16((const u16*)x + base, n, kind);
+    vf v{};
+    if (n == VW) memcpy(&v, (const float*)x + base, 64);
+    else
+        for (int i = 0; i < n; ++i) v[i] = ((const float*)x)[base + i];
+    return v;
+}
+
+// n metadata elements [i0, i0 + n) -> float32 (exact; F16C 8 at a time for float16)
+static inline void meta_block(const void* base, i64 i0, i64 n, int kind, float* out) {
+    i64 i = 0;
+#ifdef __F16C__
+    if (kind == MIXKVQ_KIND_F16)
+        for (const u16* p = (const u16*)base + i0; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + i))));
+#endif
+    for (; i < n; ++i) out[i] = meta_at(base, i0 + i, kind);
+}
+
+// One key block of one KV head, its channels ordered by width (narrowest first, channel order
+// within a width) — the order its channels enter every score.
+struct KeyBlockRows {
+    int n_runs = 0;
+    int run_bits[MIXKVQ_TIER_SLOTS];
+    int run_end[MIXKVQ_TIER_SLOTS];
+    std::vector<int> channel;          // (D,) channel of each entry
+    std::vector<const u8*> row;        // (D,) packed row (16-bit: its u16 words)
+    std::vector<float> scale, zero;    // (D, R / G) per-group metadata as float32
+
+    void load(const AttnArgs& a, const u8* tm, const int* ri, const void* const* kp) {
+        const int D = a.D, R = a.R, ng = R / a.G;
+        channel.resize(D);
+        row.resize(D);
+        scale.resize((size_t)D * ng);
+        zero.resize((size_t)D * ng);
+        int count[MIXKVQ_TIER_SLOTS] = {0}, start[MIXKVQ_TIER_SLOTS + 1], first_row[MIXKVQ_TIER_SLOTS];
+        for (int d = 0; d < D; ++d) {
+            if (!count[tm[d]]) first_row[tm[d]] = ri[d];
+            ++count[tm[d]];
+        }
+        n_runs = 0;
+        start[0] = 0;
+        for (int w = 0; w < MIXKVQ_TIER_SLOTS; ++w) {
+            start[w + 1] = start[w] + count[w];
+            if (!count[w]) continue;
+            run_bits[n_runs] = w;
+            run_end[n_runs++] = start[w + 1];
+            // a head's rows of one width are consecutive (rows are in (b, h, d) order), so
+            // are their metadata
+            if (w != MIXKVQ_HIGH_BITS) {
+                meta_block(kp[3 * w + 1], (i64)first_row[w] * ng, (i64)count[w] * ng, a.meta_kind, scale.data() + (size_t)start[w] * ng);
+                meta_block(kp[3 * w + 2], (i64)first_row[w] * ng, (i64)count[w] * ng, a.meta_kind, zero.data() + (size_t)start[w] * ng);
+            }
+        }
+        for (int d = 0; d < D; ++d) {
+            const int w = tm[d], e = start[w]++;
+            channel[e] = d;
+            row[e] = w == MIXKVQ_HIGH_BITS ? (const u8*)((const u16*)kp[3 * w] + (i64)ri[d] * R)
+                                           : (const u8*)kp[3 * w] + (i64)ri[d] * ((R * w + 7) / 8);
+        }
+    }
+};
+
+// the dequantized tile of entry e at tokens [t0, t0 + n), any width, any group layout
+static inline vf key_tile_any(const KeyBlockRows& k, int e, int bits, int t0, int n, int R, int G, int high_kind) {
+    if (bits == MIXKVQ_HIGH_BITS) return half16((const u16*)k.row[e] + t0, n, high_kind);
+    const int ng = R / G;
+    const vu c = codes_any(k.row[e], t0, n, bits, (R * bits + 7) / 8);
+    vf sc{}, z{};
+    for (int i = 0; i < n; ++i) {
+        sc[i] = k.scale[(size_t)e * ng + (t0 + i) / G];
+        z[i] = k.zero[(size_t)e * ng + (t0 + i) / G];
+    }
+    return dequant16(c, sc, z);
+}
+
+// entries [e0, e1) of one width at TB whole tiles from t0 (tile j in group g[j]); BITS 0:
+// any width through key_tile_any
+template <int NRB, int TB, int BITS>
+static inline void key_run(const KeyBlockRows& k, int e0, int e1, int bits, int t0, const int* g, int R, int G,
+                           int high_kind, const float* Q, int D, vf (&acc)[NRB][TB]) {
+    const int ng = R / G;
+    for (int e = e0; e < e1; ++e) {
+        vf kf[TB];
+        for (int j = 0; j < TB; ++j) {
+            const int t = t0 + j * VW;
+            if constexpr (BITS == MIXKVQ_HIGH_BITS)
+                kf[j] = half16((const u16*)k.row[e] + t, VW, high_kind);
+            else if constexpr (BITS == 0)
+                kf[j] = key_tile_any(k, e, bits, t, VW, R, G, high_kind);
+            else
+                kf[j] = dequant16(codes16<BITS>(k.row[e] + t * BITS / 8), vbroadcast(k.scale[(size_t)e * ng + g[j]]),
+                                  vbroadcast(k.zero[(size_t)e * ng + g[j]]));
+        }
+        const float* q = Q + k.channel[e];
+        for (int i = 0; i < NRB; ++i) {
+            const vf qi = vbroadcast(q[(i64)i * D]);
+            for (int j = 0; j < TB; ++j) acc[i][j] = vfma(qi, kf[j], acc[i][j]);
+        }
+    }
+}
+
+// Scores of query rows [r0, r0 + NRB) (Q points at row r0, rows D apart) against the block:
+// S[(r0 + i) * R + t]. Per score: the channels in k's order, fused multiply-adds. TB tiles
+// at a time (NRB * TB accumulators in registers), then single tiles for what is left.
+template <int NRB>
+static void key_block_scores(const KeyBlockRows& k, const float* Q, int D, int R, int G, int high_kind, float* S) {
+    constexpr int TB = NRB <= 2 ? 8 : NRB <= 4 ? 4 : 2;
+    int t0 = 0;
+    if (G % VW == 0)
+        for (; t0 + TB * VW <= R; t0 += TB * VW) {
+            int g[TB];
+            for (int j = 0; j < TB; ++j) g[j] = (t0 + j * VW) / G;
+            vf acc[NRB][TB];
+            for (int i = 0; i < NRB; ++i)
+                for (int j = 0; j < TB; ++j) acc[i][j] = vf{};
+            for (int run = 0, e0 = 0; run < k.n_runs; e0 = k.run_end[run++]) {
+                const int bits = k.run_bits[run], e1 = k.run_end[run];
+                switch (bits) {
+                    case 1: key_run<NRB, TB, 1>(k, e0, e1, bits, t0, g, R, G, high_kind, Q, D, acc); break;
+                    case 2: key_run<NRB, TB, 2>(k, e0, e1, bits, t0, g, R, G, high_kind, Q, D, acc); break;
+                    case 4: key_run<NRB, TB, 4>(k, e0, e1, bits, t0, g, R, G, high_kind, Q, D, acc); break;
+                    case 8: key_run<NRB, TB, 8>(k, e0, e1, bits, t0, g, R, G, high_kind, Q, D, acc); break;
+                    case MIXKVQ_HIGH_BITS: key_run<NRB, TB, MIXKVQ_HIGH_BITS>(k, e0, e1, bits, t0, g, R, G, high_kind, Q, D, acc); break;
+                    default: key_run<NRB, TB, 0>(k, e0, e1, bits, t0, g, R, G, high_kind, Q, D, acc);
+                }
+            }
+            for (int i = 0; i < NRB; ++i)
+                for (int j = 0; j < TB; ++j) memcpy(S + (size_t)i * R + t0 + j * VW, &acc[i][j], sizeof(vf));
+        }
+    for (; t0 < R; t0 += VW) {
+        const int n = R - t0 < VW ? R - t0 : VW;
+        vf acc[NRB];
+        for (int i = 0; i < NRB; ++i) acc[i] = vf{};
+        for (int run = 0, e0 = 0; run < k.n_runs; e0 = k.run_end[run++])
+            for (int e = e0; e < k.run_end[run]; ++e) {
+                const vf kf = key_tile_any(k, e, k.run_bits[run], t0, n, R, G, high_kind);
+                const float* q = Q + k.channel[e];
+                for (int i = 0; i < NRB; ++i) acc[i] = vfma(vbroadcast(q[(i64)i * D]), kf, acc[i]);
+            }
+        for (int i = 0; i < NRB; ++i)
+            for (int l = 0; l < n; ++l) S[(size_t)i * R + t0 + l] = acc[i][l];
+    }
+}
+
+// Scores of query rows [r0, r0 + NRB) against full-precision key rows: tokens [s0, s1) of the
+// residual, S[(r0 + i) * stride + tok - s0]; per score lane-wise partial sums over the channel
+// tiles, then vsum.
+template <int NRB>
+static void residual_scores(const AttnArgs& a, i64 bh, i64 s0, i64 s1, i64 nq, const float* Q, float* S, int stride) {
+    const int D = a.D;
+    for (i64 tok = s0; tok < s1; ++tok) {
+        const i64 base = (bh * a.rk + (tok - nq)) * D;
+        vf part[NRB];
+        for (int i = 0; i < NRB; ++i) part[i] = vf{};
+        for (int c0 = 0; c0 < D; c0 += VW) {
+            const int n = D - c0 < VW ? D - c0 : VW;
+            const vf kf = load16(a.res_k, a.res_k_kind, base + c0, n);
+            for (int i = 0; i < NRB; ++i) part[i] = vfma(load16(Q, MIXKVQ_KIND_F32, (i64)i * D + c0, n), kf, part[i]);
+        }
+        for (int i = 0; i < NRB; ++i) S[(size_t)i * stride + (tok - s0)] = vsum(part[i]);
+    }
+}
+
+// One source of value rows for tokens [u0, u1): value chunk `chunk` (codes of `bits`, its
+// per-token metadata converted to float32 in sc/z, (u1 - u0, ngv)), or the residual (chunk < 0).
+struct ValueRun {
+    int chunk, bits, rb, ngv;
+    i64 u0, u1, first_row;  // first_row: the chunk row of token u0
+    const u8* packed;
+    const float* sc;
+    const float* z;
+};
+
+// the value tile of token tok at channels [c0, c0 + n), any layout
+static inline vf value_tile_any(const AttnArgs& a, const ValueRun& v, i64 bh, i64 nvq, i64 tok, int c0, int n) {
+    if (v.chunk < 0) return load16(a.res_v, a.res_v_kind, (bh * a.rv + (tok - nvq)) * a.D + c0, n);
+    const i64 t = tok - v.u0;
+    vf sc{}, z{};
+    for (int l = 0; l < n; ++l) {
+        sc[l] = v.sc[t * v.ngv + (c0 + l) / a.G];
+        z[l] = v.z[t * v.ngv + (c0 + l) / a.G];
+    }
+    return dequant16(codes_any(v.packed + (v.first_row + t) * v.rb, c0, n, v.bits, v.rb), sc, z);
+}
+
+// Output rows [r0, r0 + NRB) (o: acc at row r0, rows D apart, weighted means) += the weights
+// (W: row r0, rows `stride` apart, column tok - w0) times the value rows of v's tokens, CB
+// whole channel tiles from c0 at a time. Per output element the tokens in order. BITS 0: the
+// residual; else the chunk's width (1, 2, 4, 8), its groups whole tiles.
+template <int NRB, int CB, int BITS>
+static inline void value_block(const AttnArgs& a, const ValueRun& v, i64 bh, i64 nvq, int c0, const float* W,
+                               int stride, i64 w0, float* acc) {
+    const int D = a.D, G = a.G;
+    vf o[NRB][CB];
+    for (int i = 0; i < NRB; ++i)
+        for (int c = 0; c < CB; ++c) memcpy(&o[i][c], acc + (size_t)i * D + c0 + c * VW, sizeof(vf));
+    for (i64 tok = v.u0; tok < v.u1; ++tok) {
+        vf vv[CB];
+        if constexpr (BITS == 0) {
+            const i64 base = (bh * a.rv + (tok - nvq)) * D + c0;
+            for (int c = 0; c < CB; ++c) vv[c] = load16(a.res_v, a.res_v_kind, base + c * VW, VW);
+        } else {
+            const i64 t = tok - v.u0;
+            const u8* p = v.packed + (v.first_row + t) * v.rb + c0 * BITS / 8;
+            const float* sc = v.sc + t * v.ngv;
+            const float* z = v.z + t * v.ngv;
+            for (int c = 0; c < CB; ++c) {
+                const int g = (c0 + c * VW) / G;  // G is a multiple of VW: one group per tile
+                vv[c] = dequant16(codes16<BITS>(p + c * VW * BITS / 8), vbroadcast(sc[g]), vbroadcast(z[g]));
+            }
+        }
+        const float* wcol = W + (tok - w0);
+        for (int i = 0; i < NRB; ++i) {
+            const vf wi = vbroadcast(wcol[(size_t)i * stride]);
+            for (int c = 0; c < CB; ++c) o[i][c] = vfma(wi, vv[c], o[i][c]);
+        }
+    }
+    for (int i = 0; i < NRB; ++i)
+        for (int c = 0; c < CB; ++c) memcpy(acc + (size_t)i * D + c0 + c * VW, &o[i][c], sizeof(vf));
+}
+
+template <int NRB>
+static void value_rows(const AttnArgs& a, const ValueRun& v, i64 bh, i64 nvq, const float* W, int stride, i64 w0,
+                       float* acc) {
+    constexpr int CB = NRB <= 4 ? 4 : 2;
+    const int D = a.D;
+    const bool fast = v.chunk < 0 || (a.G % VW == 0 && (v.bits == 1 || v.bits == 2 || v.bits == 4 || v.bits == 8));
+    int c0 = 0;
+    if (fast)
+        for (; c0 + CB * VW <= D; c0 += CB * VW) {
+            switch (v.chunk < 0 ? 0 : v.bits) {
+                case 0: value_block<NRB, CB, 0>(a, v, bh, nvq, c0, W, stride, w0, acc); break;
+                case 1: value_block<NRB, CB, 1>(a, v, bh, nvq, c0, W, stride, w0, acc); break;
+                case 2: value_block<NRB, CB, 2>(a, v, bh, nvq, c0, W, stride, w0, acc); break;
+                case 4: value_block<NRB, CB, 4>(a, v, bh, nvq, c0, W, stride, w0, acc); break;
+                default: value_block<NRB, CB, 8>(a, v, bh, nvq, c0, W, stride, w0, acc);
+            }
+        }
+    for (; c0 < D; c0 += VW) {  // what is left, one (possibly partial) tile at a time
+        const int n = D - c0 < VW ? D - c0 : VW;
+        vf o[NRB];
+        for (int i = 0; i < NRB; ++i) o[i] = load16(acc, MIXKVQ_KIND_F32, (i64)i * D + c0, n);
+        for (i64 tok = v.u0; tok < v.u1; ++tok) {
+            const vf vv = value_tile_any(a, v, bh, nvq, tok, c0, n);
+            for (int i = 0; i < NRB; ++i) o[i] = vfma(vbroadcast(W[(size_t)i * stride + (tok - w0)]), vv, o[i]);
+        }
+        for (int i = 0; i < NRB; ++i)
+            for (int l = 0; l < n; ++l) acc[(size_t)i * D + c0 + l] = o[i][l];
+    }
+}
+
+// calls F<nrb>::run(r0, args...) over the query rows in blocks of at most 8 (accumulators
+// in registers)
+#define MKQ_FOR_ROW_BLOCKS(NR, CALL)                   \
+    for (int r0 = 0; r0 < (NR);) {                     \
+        const int nrb = (NR) - r0 < 8 ? (NR) - r0 : 8; \
+        switch (nrb) {                                 \
+            case 1: CALL(1); break;                    \
+            case 2: CALL(2); break;                    \
+            case 3: CALL(3); break;                    \
+            case 4: CALL(4); break;                    \
+            case 5: CALL(5); break;                    \
+            case 6: CALL(6); break;                    \
+            case 7: CALL(7); break;                    \
+            default: CALL(8); break;                   \
+        }                                              \
+        r0 += nrb;                                     \
+    }
+
 // One task: KV head bh, tokens [t0, t1) (whole key blocks, then residual tokens). Writes
 // the partial (acc as a weighted mean, m, l) of its NR = n_rep*Tq query rows.
 void attend_range(const AttnArgs& a, const int* row_index, i64 bh, i64 t0, i64 t1, float* acc,
                   float* ml) {
-    const int D = a.D, R = a.R, NR = a.n_rep * a.Tq, G = a.G;
+    const int D = a.D, R = a.R, NR = a.n_rep * a.Tq;
     const int b = (int)(bh / a.H), h = (int)(bh % a.H);
     const int Hq = a.H * a.n_rep;
     const i64 nq = (i64)a.nkb * R, nvq = a.T - a.rv, BHD = (i64)a.B * a.H * D;
     const int SEG = R > 0 ? R : 128;
-    std::vector<float> Q((size_t)NR * D), S((size_t)NR * SEG), kf(SEG > D ? SEG : D), vf(D);
-    std::vector<u8> codes(((SEG > D ? SEG : D) + 7) / 8 * 8 + 8);
+    thread_local std::vector<float> Qbuf, Sbuf, VSc, VZ;
+    thread_local KeyBlockRows keys;
+    Qbuf.resize((size_t)NR * D);
+    Sbuf.resize((size_t)NR * SEG);
+    float* const Q = Qbuf.data();
+    float* const S = Sbuf.data();
     std::vector<float> m(NR, NEG_INF), l(NR, 0.0f);
     for (int r = 0; r < NR; ++r) {
         int rep = r / a.Tq, tq = r % a.Tq;
@@ -484,48 +880,18 @@ void attend_range(const AttnArgs& a, const int* row_index, i64 bh, i64 t0, i64 t
     for (i64 s0 = t0; s0 < t1;) {
         i64 s1;
         // -- scores of the segment's tokens, S[r][t - s0] --
-        if (s0 < nq) {  // a whole key block: channel rows, dequantized once for all NR rows
-            i64 j = s0 / R;
+        if (s0 < nq) {  // a whole key block: channel tiles, dequantized once for all NR rows
+            const i64 j = s0 / R;
             s1 = s0 + R;
-            for (size_t i = 0; i < (size_t)NR * R; ++i) S[i] = 0.0f;
-            const u8* tm = a.tier_maps[j] + bh * D;
-            const int* ri = row_index + j * BHD + bh * D;
-            const void* const* kp = a.kptr + (i64)j * MIXKVQ_TIER_SLOTS * 3;
-            for (int d = 0; d < D; ++d) {
-                int w = tm[d];
-                i64 row = ri[d];
-                if (w == MIXKVQ_HIGH_BITS) {
-                    const u16* words = (const u16*)kp[3 * w] + row * R;
-                    if (a.high_kind == MIXKVQ_KIND_BF16)
-                        for (int t = 0; t < R; ++t) kf[t] = __uint_as_float((unsigned)words[t] << 16);
-                    else
-                        for (int t = 0; t < R; ++t) kf[t] = mixkvq_f16_bits_to_f32(words[t]);
-                } else {
-                    int rb = (R * w + 7) / 8, ng = R / G;
-                    unpack_row((const u8*)kp[3 * w] + row * rb, R, w, codes.data());
-                    for (int g = 0; g < ng; ++g) {
-                        float sc = meta_at(kp[3 * w + 1], row * ng + g, a.meta_kind);
-                        float z = meta_at(kp[3 * w + 2], row * ng + g, a.meta_kind);
-                        for (int t = g * G; t < (g + 1) * G; ++t) kf[t] = __fadd_rn(__fmul_rn((float)codes[t], sc), z);
-                    }
-                }
-                for (int r = 0; r < NR; ++r) {
-                    float qd = Q[(size_t)r * D + d];
-                    float* Sr = S.data() + (size_t)r * R;
-                    for (int t = 0; t < R; ++t) Sr[t] = __fadd_rn(Sr[t], __fmul_rn(qd, kf[t]));
-                }
-            }
+            keys.load(a, a.tier_maps[j] + bh * D, row_index + j * BHD + bh * D, a.kptr + j * MIXKVQ_TIER_SLOTS * 3);
+#define MKQ_KEYS(K) key_block_scores<K>(keys, Q + (size_t)r0 * D, D, R, a.G, a.high_kind, S + (size_t)r0 * R)
+            MKQ_FOR_ROW_BLOCKS(NR, MKQ_KEYS)
+#undef MKQ_KEYS
         } else {  // residual tokens: full-precision rows
             s1 = s0 + SEG < t1 ? s0 + SEG : t1;
-            for (i64 tok = s0; tok < s1; ++tok) {
-                gather_f32(a.res_k, a.res_k_kind, (bh * a.rk + (tok - nq)) * D, 1, D, kf.data());
-                for (int r = 0; r < NR; ++r) {
-                    const float* qr = Q.data() + (size_t)r * D;
-                    float s = 0.0f;
-                    for (int d = 0; d < D; ++d) s = __fadd_rn(s, __fmul_rn(qr[d], kf[d]));
-                    S[(size_t)r * SEG + (tok - s0)] = s;
-                }
-            }
+#define MKQ_RES(K) residual_scores<K>(a, bh, s0, s1, nq, Q + (size_t)r0 * D, S + (size_t)r0 * SEG, SEG)
+            MKQ_FOR_ROW_BLOCKS(NR, MKQ_RES)
+#undef MKQ_RES
         }
         const int n = (int)(s1 - s0);
         const int stride = s0 < nq ? R : SEG;
@@ -534,10 +900,25 @@ void attend_range(const AttnArgs& a, const int* row_index, i64 bh, i64 t0, i64 t
         for (int r = 0; r < NR; ++r) {
             int tq = r % a.Tq;
             i64 pos = a.T - a.Tq + tq;
-            float* Sr = S.data() + (size_t)r * stride;
+            float* Sr = S + (size_t)r * stride;
             const u8* mk = a.mask ? a.mask + ((i64)b * a.Tq + tq) * a.T + s0 : nullptr;
             float mx = NEG_INF;
-            for (int t = 0; t < n; ++t) {
+            // nothing to hide or cap (decode): the scale and the max lane-wise
+            const bool plain = !mk && a.softcap <= 0.0f && a.window <= 0 && (!a.causal || s0 + n - 1 <= pos);
+            int t = 0;
+            if (plain) {
+                vf vmx = vbroadcast(NEG_INF);
+                const vf vs = vbroadcast(a.scale);
+                for (; t + VW <= n; t += VW) {
+                    vf x;
+                    memcpy(&x, Sr + t, sizeof(vf));
+                    x = x * vs;
+                    memcpy(Sr + t, &x, sizeof(vf));
+                    vmx = x > vmx ? x : vmx;
+                }
+                for (int l = 0; l < VW; ++l) mx = vmx[l] > mx ? vmx[l] : mx;
+            }
+            for (; t < n; ++t) {
                 float s = __fmul_rn(Sr[t], a.scale);
                 if (a.softcap > 0.0f) s = __fmul_rn(a.softcap, tanhf(__fdiv_rn(s, a.softcap)));
                 bool off = (a.causal && s0 + t > pos) || (mk && !mk[t]) || (a.window > 0 && s0 + t <= pos - a.window);
@@ -550,12 +931,17 @@ void attend_range(const AttnArgs& a, const int* row_index, i64 bh, i64 t0, i64 t
                 for (int t = 0; t < n; ++t) Sr[t] = 0.0f;
                 continue;
             }
-            float sum = 0.0f;
-            for (int t = 0; t < n; ++t) {
-                float p = exp_nonpos(__fsub_rn(Sr[t], m_new));  // -inf - m_new = -inf -> 0
-                Sr[t] = p;
-                sum = __fadd_rn(sum, p);
+            for (int t = 0; t < n; ++t) Sr[t] = exp_nonpos(__fsub_rn(Sr[t], m_new));  // -inf - m_new = -inf -> 0
+            // the normaliser: lane-wise partial sums, then vsum (a fixed order)
+            vf vsum_p{};
+            t = 0;
+            for (; t + VW <= n; t += VW) {
+                vf x;
+                memcpy(&x, Sr + t, sizeof(vf));
+                vsum_p = vsum_p + x;
             }
+            float sum = vsum(vsum_p);
+            for (; t < n; ++t) sum = __fadd_rn(sum, Sr[t]);
             float alpha = m[r] == NEG_INF ? 0.0f : exp_nonpos(__fsub_rn(m[r], m_new));
             float l_kept = __fmul_rn(l[r], alpha);
             float l_new = __fadd_rn(l_kept, sum);
@@ -570,33 +956,35 @@ void attend_range(const AttnArgs& a, const int* row_index, i64 bh, i64 t0, i64 t
             l[r] = l_new;
             any = true;
         }
-        // -- values: each token's row dequantized once, folded into every query row --
+        // -- values: runs of tokens from one source (a value chunk, or the residual), each
+        // value tile dequantized once and folded into every query row --
         if (any) {
-            for (int t = 0; t < n; ++t) {
-                i64 tok = s0 + t;
-                if (tok < nvq) {
-                    while (tok >= a.vchunk[3 * chunk] + a.vchunk[3 * chunk + 1]) ++chunk;
-                    i64 start = a.vchunk[3 * chunk], cn = a.vchunk[3 * chunk + 1];
-                    int vbits = (int)a.vchunk[3 * chunk + 2];
-                    int rb = (D * vbits + 7) / 8, ng = (D + G - 1) / G;
-                    i64 row = bh * cn + (tok - start);
+            for (i64 u0 = s0; u0 < s1;) {
+                ValueRun v{-1, 0, 0, 0, u0, s1, 0, nullptr, nullptr, nullptr};
+                if (u0 < nvq) {
+                    while (u0 >= a.vchunk[3 * chunk] + a.vchunk[3 * chunk + 1]) ++chunk;
+                    const i64 start = a.vchunk[3 * chunk], cn = a.vchunk[3 * chunk + 1];
+                    const i64 end = start + cn;
                     const void* const* vp = a.vptr + (i64)chunk * 3;
-                    unpack_row((const u8*)vp[0] + row * rb, D, vbits, codes.data());
-                    for (int g = 0; g < ng; ++g) {
-                        float sc = meta_at(vp[1], row * ng + g, a.meta_kind);
-                        float z = meta_at(vp[2], row * ng + g, a.meta_kind);
-                        int d1 = (g + 1) * G < D ? (g + 1) * G : D;
-                        for (int d = g * G; d < d1; ++d) vf[d] = __fadd_rn(__fmul_rn((float)codes[d], sc), z);
-                    }
-                } else {
-                    gather_f32(a.res_v, a.res_v_kind, (bh * a.rv + (tok - nvq)) * D, 1, D, vf.data());
+                    v.chunk = chunk;
+                    v.bits = (int)a.vchunk[3 * chunk + 2];
+                    v.rb = (D * v.bits + 7) / 8;
+                    v.ngv = (D + a.G - 1) / a.G;
+                    v.u1 = end < s1 ? end : s1;
+                    v.first_row = bh * cn + (u0 - start);
+                    v.packed = (const u8*)vp[0];
+                    const i64 nm = (v.u1 - u0) * v.ngv;  // the run's metadata is contiguous
+                    VSc.resize((size_t)nm);
+                    VZ.resize((size_t)nm);
+                    meta_block(vp[1], v.first_row * v.ngv, nm, a.meta_kind, VSc.data());
+                    meta_block(vp[2], v.first_row * v.ngv, nm, a.meta_kind, VZ.data());
+                    v.sc = VSc.data();
+                    v.z = VZ.data();
                 }
-                for (int r = 0; r < NR; ++r) {
-                    float wt = S[(size_t)r * stride + t];
-                    if (wt == 0.0f) continue;
-                    float* ar = acc + (size_t)r * D;
-                    for (int d = 0; d < D; ++d) ar[d] = __fadd_rn(ar[d], __fmul_rn(wt, vf[d]));
-                }
+#define MKQ_VALS(K) value_rows<K>(a, v, bh, nvq, S + (size_t)r0 * stride, stride, s0, acc + (size_t)r0 * D)
+                MKQ_FOR_ROW_BLOCKS(NR, MKQ_VALS)
+#undef MKQ_VALS
+                u0 = v.u1;
             }
         }
         s0 = s1;

@@ -21,6 +21,20 @@ from pathlib import Path
 from mixkvq.apps.eval.report import frontier_sections, markdown_table, plot, save_json
 
 
+#: settings that change how a run is shown, not what it scores
+DISPLAY_SETTINGS = ("progress",)
+
+
+def _scored(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in DISPLAY_SETTINGS}
+
+
+def _commands(res: dict) -> list:
+    """A run's command, or a merged file's list of them (merging a merged file stays flat)."""
+    c = res.get("command")
+    return list(c) if isinstance(c, list) else [c]
+
+
 def merge(paths: "list[Path]") -> dict:
     merged: dict | None = None
     rows: dict[str, dict] = {}
@@ -28,11 +42,11 @@ def merge(paths: "list[Path]") -> dict:
         res = json.loads(p.read_text())
         if merged is None:
             merged = {k: v for k, v in res.items() if k != "results"}
-            merged["command"] = [merged.get("command")]
+            merged["command"] = _commands(res)
         else:
-            if res["settings"] != merged["settings"]:
+            if _scored(res["settings"]) != _scored(merged["settings"]):
                 raise SystemExit(f"{p}: settings {res['settings']} differ from {merged['settings']}")
-            merged["command"].append(res.get("command"))
+            merged["command"] += _commands(res)
             merged["seconds"] = (merged.get("seconds") or 0) + (res.get("seconds") or 0)
         for r in res["results"]:
             old = rows.get(r["name"])

@@ -196,7 +196,7 @@ def rotated_methods(base: MixKVQConfig, group_size: int = 32, residual_length: i
 #: budgets (true bits per element of quantized blocks) of the rd rows
 #: (3.03125, 3.53125, 4.03125, 4.53125 are the block bits of the KIVI splits, 3.15625 and
 #: 3.859375 those of the MixKVQ tiers without bf16 channels and with 3-bit values: equal bytes)
-RD_BUDGETS = (3.03125, 3.15625, 3.25, 3.53125, 3.75, 3.859375, 4.03125, 4.25, 4.53125)
+RD_BUDGETS = (3.03125, 3.15625, 3.25, 3.53125, 3.75, 3.859375, 4.03125, 4.25, 4.5, 4.53125)
 
 
 #: the rotated rows of the frontier between 3.0 and 4.5 block bits (docs/rotation.md)

@@ -46,8 +46,8 @@ _KIND = {torch.float32: DTYPE_KIND["float32"], torch.float16: DTYPE_KIND["float1
 #: silently. Override with MIXKVQ_VLLM_STALE_STEPS.
 STALE_STEPS = int(os.environ.get("MIXKVQ_VLLM_STALE_STEPS", "32"))
 #: how many forwards actually ran through this backend in this process (tests read it)
-STATS = {"forwards": 0, "packed_blocks": 0, "attention_calls": 0, "t_update": 0.0, "t_attend": 0.0, "t_observe": 0.0,
-         "t_pack": 0.0, "t_prefill": 0.0}
+STATS = {"forwards": 0, "packed_blocks": 0, "attention_calls": 0, "t_update": 0.0, "t_attend": 0.0, "t_kernel": 0.0,
+         "t_plan": 0.0, "t_forward": 0.0, "t_observe": 0.0, "t_pack": 0.0, "t_prefill": 0.0}
 
 
 def load_config() -> MixKVQConfig:
@@ -200,6 +200,7 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         self._step = 0
         self._offsets = self._pointer_offsets()
         self._ptr_tables: list | None = None
+        self._isa: "str | None" = None  # vLLM's CPU attention ISA for the exact-prefill kernel (first use)
         # threads per kernel call (MIXKVQ_VLLM_THREADS; default: torch's, as the cpu backend)
         self._threads = max(1, int(os.environ.get("MIXKVQ_VLLM_THREADS", "0")) or torch.get_num_threads())
 
@@ -289,6 +290,7 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             raise NotImplementedError("fused output quantization is not supported by the MixKVQ backend")
         if attn_metadata is None:  # profiling / warm-up
             return output
+        t_start = time.perf_counter()
         self._check_cache(kv_cache)
         self._step += 1
         STATS["forwards"] += 1
@@ -319,6 +321,7 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             STATS["t_pack"] += time.perf_counter() - t0
         if self._step % 8 == 0:
             self._drop_stale()
+        STATS["t_forward"] += time.perf_counter() - t_start
         return output
 
     def _request(self, q: torch.Tensor, out: torch.Tensor, L: int, bt: np.ndarray, kv_cache: torch.Tensor,
@@ -345,13 +348,15 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             res.append((j, ent, need))
         if nkb == 0 and n_new > 1:
             # a prompt (or its first chunks) before any of its blocks is packed: every key is
-            # exact, as in the transformers path's prefill — torch's SDPA kernel in the model
-            # dtype, not the decode-shaped fused kernel (which would be O(n^2) scalar work)
+            # exact, as in the transformers path's prefill — vLLM's own CPU attention kernel in
+            # the model dtype, not the decode-shaped fused kernel (O(n^2) scalar work there)
             t0 = time.perf_counter()
             self._attend_exact(q, out, L, res)
             STATS["t_prefill"] += time.perf_counter() - t0
         else:
+            t0 = time.perf_counter()
             attends.append(self._plan_attention(q, out, L, nkb, bt, res, kv_cache))
+            STATS["t_plan"] += time.perf_counter() - t0
         t1 = time.perf_counter()
         # the queries of the new tokens -> their blocks' sums (tokens of packed blocks: already in)
         if u is not None:  # (H, n_new, D)
@@ -427,22 +432,36 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
 
     def _attend_exact(self, q: torch.Tensor, out: torch.Tensor, L: int, res: list) -> None:
         """Causal attention of the last ``n_new`` of ``L`` tokens over the ``L`` exact tokens of
-        the request's residual blocks (no block packed yet)."""
-        n_new = int(q.shape[0])
-        parts = [(e.keys[:, :need], e.values[:, :need]) for _, e, need in res]
-        k = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=1)
-        v = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=1)
-        qh = q.transpose(0, 1).unsqueeze(0).to(k.dtype)  # (1, Hq, n_new, D)
-        kh, vh = k.unsqueeze(0), v.unsqueeze(0)          # (1, H, L, D)
-        if n_new == L:
-            o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale,
-                                                                 enable_gqa=self.n_rep > 1)
-        else:  # queries at positions L - n_new .. L - 1: a bottom-right causal mask
-            pos = torch.arange(L - n_new, L).unsqueeze(1)
-            mask = torch.arange(L).unsqueeze(0) <= pos
-            o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
-                                                                 enable_gqa=self.n_rep > 1)
-        out.copy_(o[0].transpose(0, 1))
+        the request's residual blocks (no block packed yet), by vLLM's own CPU attention kernel:
+        the residual is written into a scratch cache of vLLM's layout for its ISA, then
+        ``cpu_attention_with_kv_cache`` runs as for the stock backend's prefill."""
+        from vllm import _custom_ops as ops
+
+        n_new, H, D, R = int(q.shape[0]), self.num_kv_heads, self.head_size, self.R
+        dtype = res[0][1].keys.dtype
+        if self._isa is None:
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+            self._isa = _get_attn_isa(dtype, R, D, "auto")
+        nblk = len(res)
+        k = torch.cat([e.keys[:, :need] for _, e, need in res], dim=1).transpose(0, 1)    # (L, H, D)
+        v = torch.cat([e.values[:, :need] for _, e, need in res], dim=1).transpose(0, 1)
+        scratch = torch.zeros((nblk, H, 2 * R, D), dtype=dtype)  # zeros: the kernel reads whole blocks
+        key_cache, value_cache = scratch.chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k.contiguous(), v.contiguous(), key_cache, value_cache,
+                                       torch.arange(L, dtype=torch.int64), self._isa)
+        qsl = torch.tensor([0, n_new], dtype=torch.int32)
+        seq = torch.tensor([L], dtype=torch.int32)
+        meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=1, num_heads=self.num_heads, num_kv_heads=H, head_dim=D,
+                                                   seq_lens=seq, dtype=dtype, query_start_loc=qsl, causal=True,
+                                                   sliding_window_size=-1, isa=self._isa, enable_kv_split=False)
+        o = torch.empty((n_new, self.num_heads, D), dtype=dtype)
+        ops.cpu_attention_with_kv_cache(query=q.to(dtype).contiguous(), key_cache=key_cache, value_cache=value_cache,
+                                        output=o, query_start_loc=qsl, seq_lens=seq, scale=self.scale, causal=True,
+                                        alibi_slopes=None, sliding_window=-1,
+                                        block_table=torch.arange(nblk, dtype=torch.int32).unsqueeze(0), softcap=0.0,
+                                        scheduler_metadata=meta, s_aux=None)
+        out.copy_(o)
 
     def _attend_all(self, attends: list) -> None:
         """Every planned request of this forward in one native call (the CPU backend's fused
@@ -452,10 +471,12 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             raise RuntimeError(f"MixKVQ: residuals of one batch in several dtypes {sorted(kinds)}")
         table = np.array([a[0] for a in attends], dtype=np.int64)
         cfg = self.config
+        t0 = time.perf_counter()
         self.lib.mkq_attention_batch(len(attends), table.ctypes.data, self.num_kv_heads, self.n_rep, self.head_size,
                                      self.scale, 0, 0.0, self.R, cfg.group_size, DTYPE_KIND[cfg.meta_dtype],
                                      DTYPE_KIND[cfg.high_dtype], kinds.pop() if kinds else DTYPE_KIND["float32"],
                                      self._threads, 0)
+        STATS["t_kernel"] += time.perf_counter() - t0
         STATS["attention_calls"] += 1
         for _, _, o, out, _ in attends:
             out.copy_(o.transpose(0, 1))

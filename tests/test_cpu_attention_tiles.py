@@ -90,3 +90,25 @@ def test_fused_attention_within_tolerance_at_model_geometries(data):
     tol = attention_tolerance(q.numpy(), keys, values, kw["scale"])
     err = float((got.float() - want.float()).abs().max())
     assert err <= tol, f"max error {err:.3e} > tolerance {tol:.3e}"
+
+
+@pytest.mark.parametrize("R, T", [(32, 110), (128, 300)])
+def test_a_query_gets_the_same_bits_alone_or_in_a_chunk(R, T):
+    """Query i of a causal chunk of Tq sees the cache as it was after its own token: the
+    same bits as a call with that query alone on a cache that holds only the tokens up to it
+    (the eval's chunked scoring and a chunked prefill rely on it)."""
+    gen = torch.Generator().manual_seed(R)
+    cfg = MixKVQConfig(group_size=16, residual_length=R)
+    B, H, n_rep, D, Tq = 1, 3, 3, 64, 24
+    k, v = torch.randn(B, H, T, D, generator=gen), torch.randn(B, H, T, D, generator=gen)
+    q = torch.randn(B, H * n_rep, T, D, generator=gen)
+    start = (T - Tq) // R * R  # blocks flushed before the chunk; the chunk stays in the residual
+    end = start + Tq
+    chunk = KVCache(cfg, backend="cpu")
+    chunk.append(k[:, :, :end], v[:, :, :end], queries=q[:, :, :end])
+    got = chunk.attention(q[:, :, end - Tq:end])
+    for i in range(Tq):
+        pos = end - Tq + i
+        alone = KVCache(cfg, backend="cpu")
+        alone.append(k[:, :, :pos + 1], v[:, :, :pos + 1], queries=q[:, :, :pos + 1])
+        assert torch.equal(got[:, :, i:i + 1], alone.attention(q[:, :, pos:pos + 1])), f"query {i}"

@@ -932,7 +932,10 @@ void attend_range(const AttnArgs& a, const int* row_index, i64 bh, i64 t0, i64 t
                 continue;
             }
             for (int t = 0; t < n; ++t) Sr[t] = exp_nonpos(__fsub_rn(Sr[t], m_new));  // -inf - m_new = -inf -> 0
-            // the normaliser: lane-wise partial sums, then vsum (a fixed order)
+            // the normaliser: token t of the segment into lane t mod 16, then vsum. Masked
+            // tokens add +0 exactly, so a segment cut short (decode) and the same segment
+            // with its later tokens masked (a chunk of queries) sum alike: the result of a
+            // query does not depend on how many queries share the call
             vf vsum_p{};
             t = 0;
             for (; t + VW <= n; t += VW) {
@@ -940,8 +943,8 @@ void attend_range(const AttnArgs& a, const int* row_index, i64 bh, i64 t0, i64 t
                 memcpy(&x, Sr + t, sizeof(vf));
                 vsum_p = vsum_p + x;
             }
-            float sum = vsum(vsum_p);
-            for (; t < n; ++t) sum = __fadd_rn(sum, Sr[t]);
+            for (int l = 0; t < n; ++t, ++l) vsum_p[l] = __fadd_rn(vsum_p[l], Sr[t]);
+            const float sum = vsum(vsum_p);
             float alpha = m[r] == NEG_INF ? 0.0f : exp_nonpos(__fsub_rn(m[r], m_new));
             float l_kept = __fmul_rn(l[r], alpha);
             float l_new = __fadd_rn(l_kept, sum);

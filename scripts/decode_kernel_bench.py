@@ -13,21 +13,17 @@ thread count with the medians and ratios (> 1: MixKVQ faster)."""
 from __future__ import annotations
 
 import argparse
-import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
+from mixkvq.apps.bench import _time
 
-def median_ms(fn: Callable[[], Any], reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e3
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median ms per call over exactly ``reps`` calls after a warm-up (the bench's timer)."""
+    return _time(fn, min_time=float("inf"), max_reps=reps) * 1e3
 
 
 def vllm_decode(n_req: int, tokens: int, H: int, Hq: int, D: int, R: int) -> "Callable[[], None] | None":

@@ -21,7 +21,8 @@ from mixkvq import KVCache, MixKVQConfig  # noqa: E402
 from mixkvq.backend import get_backend, reference_attention  # noqa: E402
 from mixkvq.layout import PackedLayout  # noqa: E402
 from mixkvq.testing import attention_tolerance  # noqa: E402
-from mixkvq.testing.strategies import CostModel, _rd_min_bits  # noqa: E402
+from mixkvq.format import CostModel  # noqa: E402
+from mixkvq.testing.strategies import _rd_min_bits  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -828,8 +828,8 @@ static void value_rows(const AttnArgs& a, const ValueRun& v, i64 bh, i64 nvq, co
     }
 }
 
-// calls F<nrb>::run(r0, args...) over the query rows in blocks of at most 8 (accumulators
-// in registers)
+// runs CALL(nrb) for the query rows [r0, r0 + nrb), in blocks of at most 8 rows (their
+// accumulators stay in registers); CALL reads r0 from this loop
 #define MKQ_FOR_ROW_BLOCKS(NR, CALL)                   \
     for (int r0 = 0; r0 < (NR);) {                     \
         const int nrb = (NR) - r0 < 8 ? (NR) - r0 : 8; \

@@ -20,6 +20,8 @@ import importlib
 import os
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+import numpy as np
+
 from .format import HIGH_BITS
 
 ENV_VAR = "MIXKVQ_BACKEND"
@@ -80,6 +82,12 @@ class Backend(Protocol):
     def query_token_sums(self, q: Any, n_rep: int) -> Any:
         """§7 steps 1–3: ``q (B, H*n_rep, T, D)`` -> int64 ``(B, H, T, D)`` fixed-point sums."""
 
+    def query_segment_sums(self, q: Any, n_rep: int, bounds: Sequence[int]) -> Any:
+        """§7 steps 1–3 summed over token segments: ``q (B, H*n_rep, T, D)`` and ascending
+        ``bounds`` ``b_0 <= … <= b_S`` in ``[0, T]`` -> int64 ``(B, H, S, D)``, segment ``s`` the
+        sum of :meth:`query_token_sums` over tokens ``[b_s, b_{s+1})`` (:class:`BackendBase`
+        composes it; a native backend fuses it)."""
+
     def relevance(self, qsum: Any, count: int, n_rep: int) -> Any:
         """§7 step 5: int64 ``(B, H, D)`` -> float32 ``(B, H, D)``."""
 
@@ -130,6 +138,16 @@ class BackendBase:
                 out[bits] = self.quantize(rows, bits, group_size, meta_dtype, name)
         return out
 
+    def query_segment_sums(self, q: Any, n_rep: int, bounds: Sequence[int]) -> Any:
+        """Per-segment §7 sums (see :class:`Backend`) from :meth:`query_token_sums`: the sums
+        are exact integers, so any grouping of them gives the same bits."""
+        b = segment_bounds(bounds, int(q.shape[2]))
+        u = self.query_token_sums(q, n_rep)  # int64 (B, H, T, D)
+        B, H, _, D = (int(s) for s in u.shape)
+        if len(b) < 2:
+            return self.zeros((B, H, 0, D), "int64", like=u)
+        return self.concat([u[:, :, int(lo):int(hi)].sum(axis=2)[:, :, None] for lo, hi in zip(b[:-1], b[1:])], 2)
+
     def hadamard(self, x: Any, signs: Any, sizes: Sequence[int], inverse: bool = False) -> Any:
         """docs/numerics.md §11 along the last axis: ``x (..., n)`` (finite, validated by the
         caller) -> float32 ``(..., n)``; ``signs`` a float32 ``(n,)`` ±1 array of this
@@ -138,6 +156,17 @@ class BackendBase:
         :func:`hadamard_rows`, written on reshapes, slices, ``+``, ``-``, ``*`` and
         :meth:`concat`, which are IEEE float32 operations on every built-in array type."""
         return hadamard_rows(self, x, signs, sizes, inverse)
+
+
+def segment_bounds(bounds: Sequence[int], n_tokens: int) -> np.ndarray:
+    """``bounds`` as int64 after checking them: ascending (non-decreasing) within ``[0, n_tokens]``."""
+    b = np.asarray(bounds)
+    if b.ndim != 1 or (b.size and b.dtype.kind not in "iu"):
+        raise TypeError(f"segment bounds must be a 1-D sequence of integers; got {b.dtype} shape {b.shape}")
+    b = b.astype(np.int64)
+    if b.size and (b[0] < 0 or b[-1] > n_tokens or bool((np.diff(b) < 0).any())):
+        raise ValueError(f"segment bounds must ascend within [0, {n_tokens}] (the query's tokens); got {b.tolist()}")
+    return b
 
 
 def hadamard_rows(backend: Backend, x: Any, signs: Any, sizes: Sequence[int], inverse: bool = False) -> Any:

@@ -142,17 +142,20 @@ def observe(state: CacheState, queries: Any, backend: "Backend", residual_length
     geometry = state.geometry
     n_rep = int(queries.shape[1]) // geometry.heads
     stats = state.stats
-    u = backend.query_token_sums(queries, n_rep)  # int64 (B, H, T, D)
     T = int(queries.shape[2])
     start = stats.position
-    qsum = stats.qsum if stats.qsum is not None else backend.zeros(u.shape[:2] + (u.shape[3],), "int64", like=u)
     R = residual_length
+    marks = list(range((start // R + 1) * R, start + T + 1, R))  # block boundaries these tokens reach
+    # int64 (B, H, len(marks) + 1, D): the sums up to each boundary, then the rest (exact integers)
+    seg = backend.query_segment_sums(queries, n_rep, [0, *(m - start for m in marks), T])
+    running = stats.qsum if stats.qsum is not None else backend.zeros(seg.shape[:2] + (seg.shape[3],), "int64", like=seg)
     quantized = state.storage.n_key_quantized
     snapshots = dict(stats.snapshots)
-    for m in range((start // R + 1) * R, start + T + 1, R):
+    for k, m in enumerate(marks):
+        running = running + seg[:, :, k]
         if m > quantized:
-            snapshots[m] = (qsum + u[:, :, : m - start].sum(axis=2), stats.count + (m - start))
-    stats = QueryStats(qsum + u.sum(axis=2), start + T, stats.count + T, snapshots)
+            snapshots[m] = (running, stats.count + (m - start))
+    stats = QueryStats(running + seg[:, :, len(marks)], start + T, stats.count + T, snapshots)
     return replace(state, stats=stats, geometry=replace(geometry, n_rep=n_rep))
 
 

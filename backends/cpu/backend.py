@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mixkvq.backend import segment_bounds
 from mixkvq.format import DTYPE_KIND, HIGH_BITS, TIER_SLOTS, meta_overflow_error, n_groups, range_overflow_error, row_bytes
 
 from .._native import build_library
@@ -41,6 +42,7 @@ _SIGNATURES = {
     "mkq_pack": [_P, _Q, _I, _I, _P, _I],
     "mkq_unpack": [_P, _Q, _I, _I, _P, _I],
     "mkq_encode_key_block": [_P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _I],
+    "mkq_query_segment_sums": [_P, _I, _I, _I, _Q, _I, _Q, _Q, _Q, _I, _P, _I, _P, _P, _I],
     "mkq_attention": [_P, _I, _I, _I, _I, _I, _Q, _F, _I, _P, _Q, _F, _I, _I, _I, _I, _I, _P, _P, _P, _I, _Q, _I, _P, _P,
                       _P, _I, _Q, _P, _I, _I],
     "mkq_attention_batch": [_I, _P, _I, _I, _I, _F, _Q, _F, _I, _I, _I, _I, _I, _I, _I],
@@ -133,6 +135,32 @@ class CpuBackend(TorchBackend):
         rows = out.numel() // n if n else 0
         if rows:
             self.lib.mkq_unpack(packed.data_ptr(), rows, int(n), bits, out.data_ptr(), self._threads())
+        return out
+
+    # -- §7 ---------------------------------------------------------------------------------------
+    def query_segment_sums(self, q: Any, n_rep: int, bounds: Sequence[int]) -> torch.Tensor:
+        """§7 sums over token segments in one native pass (no per-token int64 tensor): ``q
+        (B, H*n_rep, T, D)`` of any strides whose last one is 1 (vLLM's ``(T, Hq, D)`` query
+        transposed, say) -> int64 ``(B, H, S, D)``. Raises ValueError naming the first NaN
+        (§7 leaves its value undefined); Inf saturates to 2^40 as §7 step 2 says."""
+        q = self.from_any(q)
+        if q.dtype not in _KIND_OF_TORCH:
+            q = to_float32(q)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        B, Hq, T, D = (int(s) for s in q.shape)
+        b = segment_bounds(bounds, T)
+        S = max(len(b) - 1, 0)
+        out = torch.empty((B, Hq // n_rep, S, D), dtype=torch.int64)
+        if S == 0 or q.numel() == 0:
+            return out.zero_()
+        bad = np.full(1, -1, dtype=np.int64)
+        self.lib.mkq_query_segment_sums(q.data_ptr(), _kind(q), B, Hq, T, D, q.stride(0), q.stride(1), q.stride(2),
+                                        int(n_rep), b.ctypes.data, S, out.data_ptr(), bad.ctypes.data, self._threads())
+        if bad[0] >= 0:
+            index = tuple(int(i) for i in np.unravel_index(int(bad[0]), (B, Hq, T, D)))
+            raise ValueError(f"queries contain a non-finite value (nan) at index {index}; NaN has no §7 "
+                             "statistics — fix the producer of this tensor")
         return out
 
     # -- §3–§4 --------------------------------------------------------------------------------

@@ -406,6 +406,58 @@ void mkq_encode_key_block(const void* keys, int in_kind, int B, int H, int R, in
     }
 }
 
+// §7 steps 1-3, summed over token segments: element (b, j, t, d) of q (query head j, any
+// input kind) at b*sb + j*sh + t*st + d (d contiguous) -> out int64 (B, H, n_seg, D), the
+// sum over tokens [bounds[s], bounds[s+1]) and the n_rep query heads j of KV head j / n_rep
+// of min(rint(fl32(|q| * 2^16)), 2^40). Integer sums: every order gives the same bits, so
+// tasks are (b, segment, KV head) in any split. bad[0]: the first flat index
+// ((b*Hq + j)*T + t)*D + d of a NaN (whose value the spec leaves undefined), or -1.
+void mkq_query_segment_sums(const void* q, int in_kind, int B, int Hq, i64 T, int D, i64 sb, i64 sh, i64 st,
+                            int n_rep, const i64* bounds, int n_seg, i64* out, i64* bad, int n_threads) {
+    const int H = Hq / n_rep;
+    const i64 tasks = (i64)B * n_seg * H;
+    i64 first_nan = -1;
+#pragma omp parallel num_threads(threads_for(n_threads, tasks, (i64)B * T * Hq * D))
+    {
+        std::vector<float> buf(D);
+        i64 mine = -1;
+#pragma omp for schedule(dynamic, 1)
+        for (i64 task = 0; task < tasks; ++task) {
+            int h = (int)(task % H);
+            i64 s = (task / H) % n_seg, b = task / ((i64)H * n_seg);
+            i64* acc = out + ((b * H + h) * n_seg + s) * D;
+            for (int d = 0; d < D; ++d) acc[d] = 0;
+            for (i64 t = bounds[s]; t < bounds[s + 1]; ++t) {
+                for (int r = 0; r < n_rep; ++r) {
+                    int j = h * n_rep + r;
+                    gather_f32(q, in_kind, b * sb + j * sh + t * st, 1, D, buf.data());
+                    bool nan = false;
+                    for (int d = 0; d < D; ++d) {
+                        float m = fabsf(buf[d]) * MIXKVQ_FIXED_ONE;  // exact, or Inf on overflow
+                        float f = rintf(m);
+                        f = f < MIXKVQ_FIXED_MAX ? f : MIXKVQ_FIXED_MAX;  // Inf -> 2^40
+                        acc[d] += (i64)f;
+                        nan |= buf[d] != buf[d];
+                    }
+                    if (nan) {
+                        for (int d = 0; d < D; ++d)
+                            if (buf[d] != buf[d]) {
+                                i64 idx = ((b * Hq + j) * T + t) * D + d;
+                                if (mine < 0 || idx < mine) mine = idx;
+                                break;
+                            }
+                    }
+                }
+            }
+        }
+        if (mine >= 0) {
+#pragma omp critical
+            if (first_nan < 0 || mine < first_nan) first_nan = mine;
+        }
+    }
+    bad[0] = first_nan;
+}
+
 }  // extern "C"
 
 // ---- fused decode attention ------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def main() -> None:
         out["throughput"] = {f"{n}": {"mixkvq": ours[f"tps_{n}"], "stock": stock[f"tps_{n}"]} for n in batches}
         out["impls"] = {"mixkvq": ours["reports"][0]["impls"], "stock": stock["reports"][0]["impls"]}
         out["mixkvq_worker_stats"] = ours["reports"][0]["stats"]
+        out["stock_worker_stats"] = {k: stock["reports"][0]["stats"][k] for k in ("forwards", "t_forward", "t_forward_mixed", "t_update")}
         print(json.dumps(out["throughput"]), flush=True)
     if part == "throughput":
         with open(a.output, "w") as f:

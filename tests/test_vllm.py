@@ -157,6 +157,28 @@ def test_prefix_cache_hit_matches_mixkvqcache_prefilled_in_two_parts(llm, bench)
 
 
 @needs_vllm
+def test_chunked_prefill_attends_the_whole_prompt_exactly(bench):
+    """A prompt split into chunks (128-token scheduling budget): the blocks a chunk fills stay
+    exact until the prompt is in, so every chunk attends its prompt exactly — greedy tokens as
+    MixKVQCache's with the prompt in one forward — and they are packed before the first decode."""
+    small = bench.make_llm(max_num_batched_tokens=128, enable_chunked_prefill=True, max_num_seqs=4)
+    try:
+        prompts = bench.prompts_from_wiki(small.get_tokenizer(), [520, 300], start_doc=5)
+        before = bench.worker_reports(small)[0]["stats"]
+        outs, _ = bench.vllm_generate(small, prompts, 32)
+        after = bench.worker_reports(small)[0]["stats"]
+        agree = bench.agreement(outs, bench.hf_generate(prompts, 32))
+        assert agree["mean_fraction"] >= 0.75, agree
+        # 4 + 2 prompt blocks (+ none filled by the 32 new tokens) in each of 30 layers
+        assert after["packed_blocks"] - before["packed_blocks"] == 30 * 6, (before, after)
+        # every chunk of both prompts (820 tokens: at least 7 chunks) attended exactly
+        chunks = after["prompt_chunks"] - before["prompt_chunks"]
+        assert chunks >= 30 * 7 and after["exact_prefills"] - before["exact_prefills"] == chunks, (before, after)
+    finally:
+        del small
+
+
+@needs_vllm
 def test_capacity_at_least_4x_the_bf16_cache(llm, bench):
     ours = bench.kv_tokens(llm)
     stock = bench.stock_in_subprocess("capacity", dtype="bfloat16")

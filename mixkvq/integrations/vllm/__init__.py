@@ -10,6 +10,9 @@ Environment:
     ``MIXKVQ_VLLM``: ``0`` leaves vLLM's own CPU backend in place (the plugin does nothing).
     ``MIXKVQ_VLLM_CONFIG``: a MixKVQConfig JSON file (``mixkvq calibrate`` writes one);
     default: the paper's config (budget mode, 1/32 bf16 + 1/8 4-bit keys, 2-bit values).
+    ``MIXKVQ_VLLM_TIME_STOCK``: ``1`` with the plugin off times vLLM's own CPU attention
+    (forward and cache update) into the same counters, so a benchmark can set the two
+    backends' attention time side by side (``worker_report``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 
 ENV_ENABLE = "MIXKVQ_VLLM"
 ENV_CONFIG = "MIXKVQ_VLLM_CONFIG"
+ENV_TIME_STOCK = "MIXKVQ_VLLM_TIME_STOCK"
 BACKEND_PATH = "mixkvq.integrations.vllm.backend.MixKVQAttentionBackend"
 
 
@@ -28,10 +32,14 @@ def enabled() -> bool:
 def register() -> None:
     """The vllm.general_plugins hook: route CPU_ATTN to the MixKVQ backend (unless disabled)."""
     if not enabled():
+        if os.environ.get(ENV_TIME_STOCK, "0") == "1":
+            from .backend import time_stock_backend
+
+            time_stock_backend()
         return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
 
 
-__all__ = ["register", "enabled", "ENV_ENABLE", "ENV_CONFIG", "BACKEND_PATH"]
+__all__ = ["register", "enabled", "ENV_ENABLE", "ENV_CONFIG", "ENV_TIME_STOCK", "BACKEND_PATH"]

@@ -8,13 +8,16 @@ Per layer, the impl keeps:
 
 * ``_res``: block id -> :class:`_Residual`, the exact tokens of a block that is not full yet
   (keys, values and the queries' fixed-point sums of its tokens);
-* ``_packed``: the block ids whose page holds a packed block.
+* ``_packed``: the block ids whose page holds a packed block;
+* ``_deferred``: full blocks of prompt chunks waiting for their prompt to be in.
 
 ``do_kv_cache_update`` writes the new tokens into their block's residual (never into the
 page); ``forward`` attends, per request, from the packed pages of its block table plus the
 exact residual (the forward's own tokens included), with the native ``cpu`` backend's fused
 kernel reading the pages in place; then it folds the queries into the residuals' sums and
-packs every block that became full into its page.
+packs every block that became full into its page — at once in a decode step; for a prompt
+chunk, at the start of the request's first forward that is not a prompt chunk (``_deferred``),
+so a prompt in chunks is attended exactly, as one given in a single forward.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ _KIND = {torch.float32: DTYPE_KIND["float32"], torch.float16: DTYPE_KIND["float1
 #: silently. Override with MIXKVQ_VLLM_STALE_STEPS.
 STALE_STEPS = int(os.environ.get("MIXKVQ_VLLM_STALE_STEPS", "32"))
 #: how many forwards actually ran through this backend in this process (tests read it)
-STATS = {"forwards": 0, "packed_blocks": 0, "attention_calls": 0, "t_update": 0.0, "t_attend": 0.0, "t_kernel": 0.0,
-         "t_plan": 0.0, "t_forward": 0.0, "t_observe": 0.0, "t_pack": 0.0, "t_prefill": 0.0}
+STATS = {"forwards": 0, "packed_blocks": 0, "attention_calls": 0, "prompt_chunks": 0, "exact_prefills": 0, "t_update": 0.0, "t_attend": 0.0, "t_kernel": 0.0,
+         "t_plan": 0.0, "t_forward": 0.0, "t_observe": 0.0, "t_pack": 0.0, "t_prefill": 0.0, "t_forward_mixed": 0.0}
 
 
 def load_config() -> MixKVQConfig:
@@ -197,6 +200,8 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         self.lib = load_library()
         self._res: dict[int, _Residual] = {}
         self._packed: set[int] = set()
+        #: full blocks of prompt chunks not packed yet: block id -> (block index, block table row)
+        self._deferred: dict[int, tuple[int, np.ndarray]] = {}
         self._step = 0
         self._offsets = self._pointer_offsets()
         self._ptr_tables: list | None = None
@@ -263,6 +268,7 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             ent = self._res.get(blk)
             if o0 == 0:  # a fresh page (new request, or a freed page reused): start over
                 self._packed.discard(blk)
+                self._deferred.pop(blk, None)
                 if ent is None:
                     ent = self._res[blk] = _Residual(torch.empty((H, R, D), dtype=key.dtype),
                                                       torch.empty((H, R, D), dtype=key.dtype))
@@ -297,20 +303,22 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         Hq, D, R = self.num_heads, self.head_size, self.R
         out3 = output.view(-1, Hq, D)
         m = attn_metadata
+        if self._deferred:
+            self._pack_deferred(m, kv_cache)
         jobs: list = []
-        u_all = None
-        if self.config.waits_for_queries:  # §7 fixed-point |q| sums of every token of the batch, one call
-            t0 = time.perf_counter()
-            n = m.num_actual_tokens
-            u_all = self.backend.query_token_sums(query[:n].transpose(0, 1).unsqueeze(0), self.n_rep)[0]
-            STATS["t_observe"] += time.perf_counter() - t0
+        sums = self._query_sums(query, m) if self.config.waits_for_queries else None
         attends: list = []
         for i, L in enumerate(m.seq_lens):
             q0, q1 = m.query_start_loc[i], m.query_start_loc[i + 1]
             if q1 <= q0:
                 continue
-            u = u_all[:, q0:q1] if u_all is not None else None
-            jobs.extend(self._request(query[q0:q1], out3[q0:q1], int(L), m.block_table[i], kv_cache, u, attends))
+            u = sums[i] if sums is not None else None
+            ready = self._request(query[q0:q1], out3[q0:q1], int(L), m.block_table[i], kv_cache, u, attends)
+            if q1 - q0 > 1:  # a prompt (chunk): its full blocks wait until the prompt is in (_pack_deferred)
+                STATS["prompt_chunks"] += 1
+                self._deferred.update((int(bt[j]), (j, bt)) for j, _, bt in ready)
+            else:
+                jobs.extend(ready)
         if attends:
             t0 = time.perf_counter()
             self._attend_all(attends)
@@ -321,17 +329,73 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             STATS["t_pack"] += time.perf_counter() - t0
         if self._step % 8 == 0:
             self._drop_stale()
-        STATS["t_forward"] += time.perf_counter() - t_start
+        dt = time.perf_counter() - t_start
+        STATS["t_forward"] += dt
+        if m.num_actual_tokens > len(m.seq_lens):  # some request brought more than one token
+            STATS["t_forward_mixed"] += dt
         return output
 
+    def _pack_deferred(self, m: MixKVQMetadata, kv_cache: torch.Tensor) -> None:
+        """Pack the blocks that prompt chunks filled, before this forward attends — except
+        those of requests that bring a prompt chunk again now (still prefilling: their whole
+        prompt is attended exactly, as ``MixKVQCache`` attends a prompt given in one forward,
+        instead of later chunks reading their own prompt's earlier blocks quantized through
+        the decode-shaped kernel). A request decoding now, finished, or preempted has its
+        blocks packed here, so a prefix-cache hit in this forward or later finds packed pages."""
+        R = self.R
+        busy: set[int] = set()
+        for i, L in enumerate(m.seq_lens):
+            if m.query_start_loc[i + 1] - m.query_start_loc[i] > 1:
+                busy.update(int(b) for b in m.block_table[i][: -(-int(L) // R)])
+        jobs = []
+        for blk in [b for b in self._deferred if b not in busy]:
+            j, bt = self._deferred.pop(blk)
+            ent = self._res.get(blk)
+            if ent is not None and ent.n == R and (ent.nq == R or not self.config.waits_for_queries):
+                jobs.append((j, ent, bt))
+        if jobs:
+            t0 = time.perf_counter()
+            self._pack_many(jobs, kv_cache)
+            STATS["t_pack"] += time.perf_counter() - t0
+
+    def _query_sums(self, query: torch.Tensor, m: MixKVQMetadata) -> list[dict[int, torch.Tensor]]:
+        """§7 fixed-point |q| sums of the batch's tokens, per request and block, in one native
+        pass: request ``i``'s tokens are cut at its blocks' boundaries, and entry ``i`` maps
+        block index ``j`` -> int64 ``(H, D)``, the sum over its tokens in this forward."""
+        t0 = time.perf_counter()
+        R = self.R
+        bounds, keys = [0], []
+        for i, L in enumerate(m.seq_lens):
+            q0, q1 = int(m.query_start_loc[i]), int(m.query_start_loc[i + 1])
+            n_ctx = int(L) - (q1 - q0)
+            if bounds[-1] != q0:  # tokens between requests (none in practice): a segment of no one's
+                bounds.append(q0)
+                keys.append(None)
+            pos = n_ctx
+            while pos < int(L):
+                j = pos // R
+                end = min((j + 1) * R, int(L))
+                bounds.append(q0 + end - n_ctx)
+                keys.append((i, j))
+                pos = end
+        per: list[dict[int, torch.Tensor]] = [{} for _ in m.seq_lens]
+        if keys:
+            n = bounds[-1]
+            seg = self.backend.query_segment_sums(query[:n].transpose(0, 1).unsqueeze(0), self.n_rep, bounds)[0]
+            for s, key in enumerate(keys):
+                if key is not None:
+                    per[key[0]][key[1]] = seg[:, s]
+        STATS["t_observe"] += time.perf_counter() - t0
+        return per
+
     def _request(self, q: torch.Tensor, out: torch.Tensor, L: int, bt: np.ndarray, kv_cache: torch.Tensor,
-                 u: "torch.Tensor | None", attends: list) -> list:
+                 u: "dict[int, torch.Tensor] | None", attends: list) -> list:
         """Plan one request's attention (appended to ``attends``; the batch runs in one kernel call
         after every request is planned) and fold in its queries; returns its blocks that are
-        ready to pack."""
+        ready to pack. ``u``: block index -> this forward's query sums of its tokens
+        (:meth:`_query_sums`)."""
         R = self.R
         n_new = int(q.shape[0])
-        n_ctx = L - n_new
         nblocks = -(-L // R)
         # leading blocks already packed in their pages, then the exact residual blocks
         nkb = 0
@@ -353,21 +417,19 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             t0 = time.perf_counter()
             self._attend_exact(q, out, L, res)
             STATS["t_prefill"] += time.perf_counter() - t0
+            STATS["exact_prefills"] += 1
         else:
             t0 = time.perf_counter()
             attends.append(self._plan_attention(q, out, L, nkb, bt, res, kv_cache))
             STATS["t_plan"] += time.perf_counter() - t0
-        t1 = time.perf_counter()
         # the queries of the new tokens -> their blocks' sums (tokens of packed blocks: already in)
-        if u is not None:  # (H, n_new, D)
+        if u is not None:
             for j, ent, need in res:
-                lo, hi = max(j * R, n_ctx), j * R + need
-                if hi <= lo:
+                part = u.get(j)
+                if part is None:
                     continue
-                part = u[:, lo - n_ctx: hi - n_ctx].sum(dim=1)
                 ent.qsum = part if ent.qsum is None else ent.qsum + part
-                ent.nq = hi - j * R
-        STATS["t_observe"] += time.perf_counter() - t1
+                ent.nq = need
         # every block that is full (and whose queries are all in) is packed after the batch
         ready = []
         for j, ent, need in res:
@@ -487,6 +549,20 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         previous page's snapshot plus the block's own sums (blocks of one request in order, so
         a block packed in this same call hands its snapshot on)."""
         R, H, D = self.R, self.num_kv_heads, self.head_size
+        # packed pages stay a prefix of every block table: a block whose predecessor is neither
+        # packed nor packed before it here (a prompt chunk's block shared through the prefix
+        # cache, still deferred) waits, exact, until the predecessor is packed
+        kept, here = [], set()
+        for job in jobs:
+            j, _, bt = job
+            if j == 0 or int(bt[j - 1]) in self._packed or int(bt[j - 1]) in here:
+                kept.append(job)
+                here.add(int(bt[j]))
+            else:
+                self._deferred[int(bt[j])] = (j, bt)
+        jobs = kept
+        if not jobs:
+            return
         snaps: dict[int, torch.Tensor] = {}
         qsums = []
         for j, ent, bt in jobs:
@@ -502,41 +578,45 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
                 q = torch.zeros((H, D), dtype=torch.int64)
             snaps[int(bt[j])] = q
             qsums.append(q)
-        # one encode per group of equal block index (the relevance divides by (j+1)R tokens)
-        groups: dict[int, list[int]] = {}
-        for n, (j, _, _) in enumerate(jobs):
-            groups.setdefault(j, []).append(n)
-        for j, members in groups.items():
-            kblk = torch.stack([jobs[n][1].keys for n in members])    # (B, H, R, D)
-            vblk = torch.stack([jobs[n][1].values for n in members])
-            relevance = None
-            if self.config.waits_for_queries:
-                relevance = self.backend.relevance(torch.stack([qsums[n] for n in members]), (j + 1) * R, self.n_rep)
-            tier_map, value_bits = self.config.keys.assign(self.backend, kblk, vblk, relevance, self.policy,
-                                                           self.costs)
-            kb = self.layout.encode_keys(self.backend, kblk, tier_map)
-            vr = self.layout.encode_values(self.backend, vblk, bits=value_bits)
-            for b, n in enumerate(members):
-                _, ent, bt = jobs[n]
-                blk = int(bt[j])
-                views = self.pages.views(self._page(kv_cache, blk))
-                views["qsum"].copy_(qsums[n])
-                views["tier_map"].copy_(kb.tier_map[b])
-                for w, rows in kb.tiers.items():
-                    c = H * self.pages.counts.get(w, 0)
-                    if rows.packed.shape[0] != c * len(members):
-                        raise RuntimeError(f"blocks have {rows.packed.shape[0]} rows of width {w}; "
-                                           f"the pages hold {c} each")
-                    views[f"k{w}.packed"].copy_(rows.packed[b * c:(b + 1) * c])
-                    if rows.scale is not None:
-                        views[f"k{w}.scale"].copy_(rows.scale[b * c:(b + 1) * c])
-                        views[f"k{w}.zero"].copy_(rows.zero[b * c:(b + 1) * c])
-                views["v.packed"].copy_(vr.packed[b:b + 1])
-                views["v.scale"].copy_(vr.scale[b:b + 1])
-                views["v.zero"].copy_(vr.zero[b:b + 1])
-                self._packed.add(blk)
-                self._res.pop(blk, None)
-                STATS["packed_blocks"] += 1
+        # one encode for every block of the forward; the relevance divides each block's sums
+        # by its own count (j+1)R, so it is computed per group of equal block index
+        kblk = torch.stack([ent.keys for _, ent, _ in jobs])    # (B, H, R, D)
+        vblk = torch.stack([ent.values for _, ent, _ in jobs])
+        qsum = torch.stack(qsums)                                # int64 (B, H, D)
+        relevance = None
+        if self.config.waits_for_queries:
+            groups: dict[int, list[int]] = {}
+            for n, (j, _, _) in enumerate(jobs):
+                groups.setdefault(j, []).append(n)
+            relevance = torch.empty((len(jobs), H, D), dtype=torch.float32)
+            for j, members in groups.items():
+                sel = torch.tensor(members)
+                relevance[sel] = self.backend.relevance(qsum[sel], (j + 1) * R, self.n_rep)
+        tier_map, value_bits = self.config.keys.assign(self.backend, kblk, vblk, relevance, self.policy, self.costs)
+        kb = self.layout.encode_keys(self.backend, kblk, tier_map)
+        vr = self.layout.encode_values(self.backend, vblk, bits=value_bits)
+        B = len(jobs)
+        arrays = {"qsum": qsum, "tier_map": kb.tier_map, "v.packed": vr.packed, "v.scale": vr.scale, "v.zero": vr.zero}
+        for w, rows in kb.tiers.items():
+            c = H * self.pages.counts.get(w, 0)
+            if rows.packed.shape[0] != c * B:
+                raise RuntimeError(f"blocks have {rows.packed.shape[0]} rows of width {w}; the pages hold {c} each")
+            arrays[f"k{w}.packed"] = rows.packed
+            if rows.scale is not None:
+                arrays[f"k{w}.scale"], arrays[f"k{w}.zero"] = rows.scale, rows.zero
+        # every section of every page in one indexed copy (the pages are rows of kv_cache's bytes)
+        pages = kv_cache.flatten(1)
+        blocks = [int(bt[j]) for j, _, bt in jobs]
+        idx = torch.tensor(blocks, dtype=torch.int64)
+        for name, sec in self.pages.sections.items():
+            if sec.nbytes == 0:
+                continue
+            src = arrays[name].contiguous().view(torch.uint8).reshape(B, sec.nbytes)
+            pages[:, sec.offset:sec.offset + sec.nbytes].index_copy_(0, idx, src)
+        for blk in blocks:
+            self._packed.add(blk)
+            self._res.pop(blk, None)
+        STATS["packed_blocks"] += B
 
     def _drop_stale(self) -> None:
         old = [b for b, e in self._res.items() if self._step - e.seen > STALE_STEPS]
@@ -551,6 +631,36 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
 
 __all__ = ["MixKVQAttentionBackend", "MixKVQAttentionImpl", "MixKVQMetadataBuilder", "MixKVQMetadata", "STATS", "worker_report",
            "load_config"]
+
+
+def time_stock_backend() -> None:
+    """Wrap vLLM's own CPU attention impl so that its forwards and cache updates add to
+    ``STATS`` (``forwards``, ``t_forward``, ``t_forward_mixed``: forwards with a request of
+    more than one new token, ``t_update``): the stock side of a benchmark's
+    attention-time comparison. Idempotent; used only with the plugin off."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl as Stock
+
+    if getattr(Stock, "_mixkvq_timed", False):
+        return
+
+    def timed(fn: Any, key: str, forward: bool) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                STATS[key] += dt
+                meta = kwargs.get("attn_metadata", args[6] if len(args) > 6 else None) if forward else None
+                if meta is not None:
+                    STATS["forwards"] += 1
+                    if int(meta.max_query_len) > 1:
+                        STATS["t_forward_mixed"] += dt
+        return wrapper
+
+    Stock.forward = timed(Stock.forward, "t_forward", True)
+    Stock.do_kv_cache_update = timed(Stock.do_kv_cache_update, "t_update", False)
+    Stock._mixkvq_timed = True
 
 
 def worker_report(worker: Any) -> dict:

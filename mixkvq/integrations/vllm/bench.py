@@ -130,7 +130,7 @@ def throughput(llm: Any, prompts: "list[list[int]]", max_tokens: int) -> dict:
 def engine_in_subprocess(what: str = "capacity", *, enabled: bool = False, timeout: int = 900, **kw: Any) -> dict:
     """Run :func:`main` in a fresh process, with the MixKVQ plugin on or off (off: vLLM's own
     CPU backend); returns its RESULT row."""
-    env = dict(os.environ, MIXKVQ_VLLM="1" if enabled else "0")
+    env = dict(os.environ, MIXKVQ_VLLM="1" if enabled else "0", MIXKVQ_VLLM_TIME_STOCK="0" if enabled else "1")
     cmd = [sys.executable, "-m", "mixkvq.integrations.vllm.bench", what, json.dumps(kw)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     for line in reversed(r.stdout.splitlines()):

@@ -9,8 +9,9 @@ import pytest
 from mixkvq.apps.eval.report import frontier_checks, frontier_sections, paired_nll_difference
 
 
-def _row(name: str, block_bits: float | None, delta_ppl: float, nll: "list[float] | None" = None) -> dict:
-    return {"name": name, "available": True, "block_bits": block_bits, "delta_ppl": delta_ppl, "kl": 0.01,
+def _row(name: str, block_bits: float | None, delta_ppl: float, nll: "list[float] | None" = None,
+         kl: float = 0.01) -> dict:
+    return {"name": name, "available": True, "block_bits": block_bits, "delta_ppl": delta_ppl, "kl": kl,
             "nll_per_sample": nll or []}
 
 
@@ -62,13 +63,17 @@ def test_rotated_baselines_meet_the_best_mixkvq_row_at_or_below_their_bytes():
     from mixkvq.apps.eval.report import rotation_checks
 
     res = _results(_row("rot_tok2", 3.0, 1.9), _row("rot_tok3", 4.0, 0.30), _row("rot_kivi3", 4.03125, 0.25),
-                   _row("rdl3.03125", 3.03125, 2.3), _row("rdl4.03125", 4.03125, 0.2), _row("mixkvq_v3_rot", 3.86, 0.28),
+                   _row("rdl3.03125", 3.03125, 2.3, kl=0.005), _row("rdl4.03125", 4.03125, 0.2, kl=0.008),
+                   _row("mixkvq_v3_rot", 3.86, 0.28, kl=0.005),
                    _row("kivi3", 4.03125, 0.1))  # a KIVI row is a baseline, not one of MixKVQ's rows
     table, ok = rotation_checks(res)
     lines = {ln.split(" | ")[0].strip("| "): ln for ln in table.splitlines()[2:]}
-    assert "mixkvq_v3_rot" in lines["rot_tok3"] and "| yes |" in lines["rot_tok3"]   # best at <= 4.0 bits
-    assert "rdl4.03125" in lines["rot_kivi3"] and "| yes |" in lines["rot_kivi3"]
+    assert "mixkvq_v3_rot" in lines["rot_tok3"] and "| 0.50 | yes |" in lines["rot_tok3"]   # best at <= 4.0 bits
+    assert "rdl4.03125" in lines["rot_kivi3"] and "| 0.80 | yes |" in lines["rot_kivi3"]
     assert "no row ≤ bytes (+0.031 bits)" in lines["rot_tok2"] and not ok          # nothing at 3.0 bits
-    _, ok = rotation_checks(_results(_row("rot_tok3", 4.0, 0.30), _row("rd4", 4.0, 0.31)))
+    _, ok = rotation_checks(_results(_row("rot_tok3", 4.0, 0.30), _row("rd4", 4.0, 0.31, kl=0.001)))
     assert not ok
+    # the perplexity holds but the KL is not lower (the same bytes scored twice): not met
+    table, ok = rotation_checks(_results(_row("rot_kivi2", 3.03125, 1.3, kl=0.1), _row("rdl3.03125_rot", 3.03125, 1.3, kl=0.1)))
+    assert "| 1.00 | **no** (KL not lower) |" in table and not ok
     assert "rotated baseline" in frontier_sections(res)

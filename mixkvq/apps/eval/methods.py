@@ -144,6 +144,14 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
             out[name] = Method(name, "mixkvq", rd_cfg, layer_profile=layer_profile,
                                description=f"rd allocation with per-layer budgets from the layer profile, "
                                            f"{bits:g} true bits/element on average")
+    # the allocator with 1-bit key channels on its ladder: below KIVI-2's bytes, and at them
+    # with room to trade (every other rd row's cheapest point is all keys at 2 bits)
+    b1 = rd_base.replace(bit_ladder=(1, 2, 3, 4, 8, 16))
+    for bits in RD_BUDGETS_B1:
+        name = f"rd{bits:g}_b1"
+        out[name] = Method(name, "mixkvq", b1.replace(rd_bits=bits),
+                           description=f"rate-distortion allocation with 1-bit key channels allowed, {bits:g} true "
+                                       "bits/element of quantized blocks")
     to_rotate = {n: m for n, m in out.items() if n in ("mixkvq", "mixkvq_thr", "mixkvq_v3") or n.startswith("rd")}
     out.update(rotated_methods(budget_cfg, G, R, to_rotate))
     return out
@@ -198,6 +206,9 @@ def rotated_methods(base: MixKVQConfig, group_size: int = 32, residual_length: i
 #: 3.859375 those of the MixKVQ tiers without bf16 channels and with 3-bit values: equal bytes)
 RD_BUDGETS = (3.03125, 3.15625, 3.25, 3.53125, 3.75, 3.859375, 4.03125, 4.25, 4.5, 4.53125)
 
+#: budgets of the ``rd<bits>_b1`` rows (ladder 1, 2, 3, 4, 8, 16): rotated per-token K2/V2's
+#: 3.0 block bits and KIVI-2's 3.03125, where the default ladder has no choice left
+RD_BUDGETS_B1 = (3.0, 3.03125)
 
 #: the rotated rows of the frontier between 3.0 and 4.5 block bits (docs/rotation.md)
 ROTATED_FRONTIER = ("rot_tok2", "rot_tok_k3v2", "rot_tok_k2v3", "rot_tok3", "rot_tok_k4v2", "rot_tok_k4v3",

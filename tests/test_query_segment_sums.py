@@ -97,3 +97,8 @@ def test_every_backend_composes_the_same_sums(name):
     assert want.shape == (2, 3, 5, 24) and not want[:, :, 1].any()
     got = b.to_numpy(b.query_segment_sums(b.from_any(q), 2, bounds))
     assert np.array_equal(got, want), name
+
+
+def test_heads_must_group_by_n_rep():
+    with pytest.raises(ValueError, match="not a multiple of n_rep=2"):
+        CPU.query_segment_sums(torch.randn(1, 3, 8, 16), 2, [0, 8])

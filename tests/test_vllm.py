@@ -171,9 +171,11 @@ def test_chunked_prefill_attends_the_whole_prompt_exactly(bench):
         assert agree["mean_fraction"] >= 0.75, agree
         # 4 + 2 prompt blocks (+ none filled by the 32 new tokens) in each of 30 layers
         assert after["packed_blocks"] - before["packed_blocks"] == 30 * 6, (before, after)
-        # every chunk of both prompts (820 tokens: at least 7 chunks) attended exactly
+        # every chunk of both prompts (820 tokens: at least 7 chunks) attended exactly, and every
+        # prompt block packed by the deferred path (before a decode step attends), not after one
         chunks = after["prompt_chunks"] - before["prompt_chunks"]
         assert chunks >= 30 * 7 and after["exact_prefills"] - before["exact_prefills"] == chunks, (before, after)
+        assert after["deferred_packed"] - before["deferred_packed"] == 30 * 6, (before, after)
     finally:
         del small
 

@@ -149,6 +149,8 @@ class CpuBackend(TorchBackend):
         if q.stride(-1) != 1:
             q = q.contiguous()
         B, Hq, T, D = (int(s) for s in q.shape)
+        if n_rep < 1 or Hq % n_rep:
+            raise ValueError(f"queries have {Hq} heads, not a multiple of n_rep={n_rep} (query heads per KV head)")
         b = segment_bounds(bounds, T)
         S = max(len(b) - 1, 0)
         out = torch.empty((B, Hq // n_rep, S, D), dtype=torch.int64)

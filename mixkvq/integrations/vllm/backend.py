@@ -48,8 +48,14 @@ _KIND = {torch.float32: DTYPE_KIND["float32"], torch.float16: DTYPE_KIND["float1
 #: one from scratch). A request that does come back later fails loudly (RuntimeError), never
 #: silently. Override with MIXKVQ_VLLM_STALE_STEPS.
 STALE_STEPS = int(os.environ.get("MIXKVQ_VLLM_STALE_STEPS", "32"))
+#: prompt tokens per request whose full blocks may wait, exact, for the rest of their prompt
+#: (held outside vLLM's KV budget in the model dtype, every layer); a longer prompt has its
+#: blocks packed as its chunks fill them, and its later chunks read them quantized. Override
+#: with MIXKVQ_VLLM_DEFER_TOKENS (0: never wait).
+DEFER_TOKENS = int(os.environ.get("MIXKVQ_VLLM_DEFER_TOKENS", "16384"))
 #: how many forwards actually ran through this backend in this process (tests read it)
-STATS = {"forwards": 0, "packed_blocks": 0, "attention_calls": 0, "prompt_chunks": 0, "exact_prefills": 0, "t_update": 0.0, "t_attend": 0.0, "t_kernel": 0.0,
+STATS = {"forwards": 0, "packed_blocks": 0, "attention_calls": 0, "prompt_chunks": 0, "exact_prefills": 0,
+         "deferred_packed": 0, "t_update": 0.0, "t_attend": 0.0, "t_kernel": 0.0,
          "t_plan": 0.0, "t_forward": 0.0, "t_observe": 0.0, "t_pack": 0.0, "t_prefill": 0.0, "t_forward_mixed": 0.0}
 
 
@@ -303,9 +309,11 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         Hq, D, R = self.num_heads, self.head_size, self.R
         out3 = output.view(-1, Hq, D)
         m = attn_metadata
+        busy = self._prefilling(m)
         if self._deferred:
-            self._pack_deferred(m, kv_cache)
+            self._pack_deferred(busy, kv_cache)
         jobs: list = []
+        forced: list = []
         sums = self._query_sums(query, m) if self.config.waits_for_queries else None
         attends: list = []
         for i, L in enumerate(m.seq_lens):
@@ -313,19 +321,28 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             if q1 <= q0:
                 continue
             u = sums[i] if sums is not None else None
-            ready = self._request(query[q0:q1], out3[q0:q1], int(L), m.block_table[i], kv_cache, u, attends)
+            bt = m.block_table[i]
+            ready = self._request(query[q0:q1], out3[q0:q1], int(L), bt, kv_cache, u, attends)
             if q1 - q0 > 1:  # a prompt (chunk): its full blocks wait until the prompt is in (_pack_deferred)
                 STATS["prompt_chunks"] += 1
-                self._deferred.update((int(bt[j]), (j, bt)) for j, _, bt in ready)
+                held = [j for j in range(int(L) // self.R) if int(bt[j]) in self._deferred]
+                if (len(held) + len(ready)) * self.R <= DEFER_TOKENS:
+                    self._deferred.update((int(bt[j]), (j, bt)) for j, _, bt in ready)
+                else:  # too long to hold exact: pack what it holds and what it filled now
+                    for j in held:
+                        self._deferred.pop(int(bt[j]))
+                    forced.extend((j, self._res[int(bt[j])], bt) for j in held if int(bt[j]) in self._res)
+                    forced.extend(ready)
             else:
                 jobs.extend(ready)
         if attends:
             t0 = time.perf_counter()
             self._attend_all(attends)
             STATS["t_attend"] += time.perf_counter() - t0
-        if jobs:
+        if jobs or forced:
             t0 = time.perf_counter()
-            self._pack_many(jobs, kv_cache)
+            self._pack_many(jobs, kv_cache, busy)
+            self._pack_many(forced, kv_cache, set())
             STATS["t_pack"] += time.perf_counter() - t0
         if self._step % 8 == 0:
             self._drop_stale()
@@ -335,18 +352,26 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             STATS["t_forward_mixed"] += dt
         return output
 
-    def _pack_deferred(self, m: MixKVQMetadata, kv_cache: torch.Tensor) -> None:
-        """Pack the blocks that prompt chunks filled, before this forward attends — except
-        those of requests that bring a prompt chunk again now (still prefilling: their whole
-        prompt is attended exactly, as ``MixKVQCache`` attends a prompt given in one forward,
-        instead of later chunks reading their own prompt's earlier blocks quantized through
-        the decode-shaped kernel). A request decoding now, finished, or preempted has its
-        blocks packed here, so a prefix-cache hit in this forward or later finds packed pages."""
+    def _prefilling(self, m: MixKVQMetadata) -> set[int]:
+        """Block ids in the tables of this forward's requests that bring a prompt chunk (more
+        than one token; the metadata does not say whether a one-token step is a prompt's last
+        chunk or a decode, so it counts as a decode)."""
         R = self.R
         busy: set[int] = set()
         for i, L in enumerate(m.seq_lens):
             if m.query_start_loc[i + 1] - m.query_start_loc[i] > 1:
                 busy.update(int(b) for b in m.block_table[i][: -(-int(L) // R)])
+        return busy
+
+    def _pack_deferred(self, busy: set[int], kv_cache: torch.Tensor) -> None:
+        """Pack the blocks that prompt chunks filled, before this forward attends — except
+        those in the tables of requests that bring a prompt chunk again now (``busy``: still
+        prefilling; their whole prompt is attended exactly, as ``MixKVQCache`` attends a prompt
+        given in one forward, instead of later chunks reading their own prompt's earlier blocks
+        quantized through the decode-shaped kernel). A request decoding now, finished, or
+        preempted has its blocks packed here, so a prefix-cache hit in this forward or later
+        finds packed pages."""
+        R = self.R
         jobs = []
         for blk in [b for b in self._deferred if b not in busy]:
             j, bt = self._deferred.pop(blk)
@@ -355,7 +380,7 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
                 jobs.append((j, ent, bt))
         if jobs:
             t0 = time.perf_counter()
-            self._pack_many(jobs, kv_cache)
+            STATS["deferred_packed"] += self._pack_many(jobs, kv_cache, busy)
             STATS["t_pack"] += time.perf_counter() - t0
 
     def _query_sums(self, query: torch.Tensor, m: MixKVQMetadata) -> list[dict[int, torch.Tensor]]:
@@ -543,7 +568,7 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         for _, _, o, out, _ in attends:
             out.copy_(o.transpose(0, 1))
 
-    def _pack_many(self, jobs: list, kv_cache: torch.Tensor) -> None:
+    def _pack_many(self, jobs: list, kv_cache: torch.Tensor, busy: "set[int] | None" = None) -> int:
         """Quantize full blocks (their exact residuals) into their pages, all of one forward in
         one batched encode: tiers by salience from the query sums over tokens [0, (j+1)R) — the
         previous page's snapshot plus the block's own sums (blocks of one request in order, so
@@ -551,18 +576,27 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         R, H, D = self.R, self.num_kv_heads, self.head_size
         # packed pages stay a prefix of every block table: a block whose predecessor is neither
         # packed nor packed before it here (a prompt chunk's block shared through the prefix
-        # cache, still deferred) waits, exact, until the predecessor is packed
+        # cache, still deferred) waits, exact, until the predecessor is packed — if that one is
+        # still held anywhere (else its page was reused, and no prefix hit can reach this block);
+        # a block in a table that is still prefilling (``busy``) waits for that prompt; a block
+        # two requests share is packed once
         kept, here = [], set()
         for job in jobs:
             j, _, bt = job
-            if j == 0 or int(bt[j - 1]) in self._packed or int(bt[j - 1]) in here:
+            blk = int(bt[j])
+            if blk in here or blk in self._packed:
+                continue
+            prev = int(bt[j - 1]) if j > 0 else -1
+            if busy and blk in busy:
+                self._deferred[blk] = (j, bt)
+            elif j == 0 or prev in self._packed or prev in here:
                 kept.append(job)
-                here.add(int(bt[j]))
-            else:
-                self._deferred[int(bt[j])] = (j, bt)
+                here.add(blk)
+            elif prev in self._res or prev in self._deferred:
+                self._deferred[blk] = (j, bt)
         jobs = kept
         if not jobs:
-            return
+            return 0
         snaps: dict[int, torch.Tensor] = {}
         qsums = []
         for j, ent, bt in jobs:
@@ -617,9 +651,11 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
             self._packed.add(blk)
             self._res.pop(blk, None)
         STATS["packed_blocks"] += B
+        return B
 
     def _drop_stale(self) -> None:
-        old = [b for b, e in self._res.items() if self._step - e.seen > STALE_STEPS]
+        # a deferred block is waiting to be packed, not abandoned: its residual stays
+        old = [b for b, e in self._res.items() if self._step - e.seen > STALE_STEPS and b not in self._deferred]
         for b in old:
             del self._res[b]
 

@@ -342,7 +342,7 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         if jobs or forced:
             t0 = time.perf_counter()
             self._pack_many(jobs, kv_cache, busy)
-            self._pack_many(forced, kv_cache, set())
+            self._pack_many(forced, kv_cache)  # past the hold limit: packed whoever shares them
             STATS["t_pack"] += time.perf_counter() - t0
         if self._step % 8 == 0:
             self._drop_stale()
@@ -371,16 +371,15 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         quantized through the decode-shaped kernel). A request decoding now, finished, or
         preempted has its blocks packed here, so a prefix-cache hit in this forward or later
         finds packed pages."""
-        R = self.R
         jobs = []
         for blk in [b for b in self._deferred if b not in busy]:
             j, bt = self._deferred.pop(blk)
             ent = self._res.get(blk)
-            if ent is not None and ent.n == R and (ent.nq == R or not self.config.waits_for_queries):
+            if ent is not None and self._complete(ent, ent.n):
                 jobs.append((j, ent, bt))
         if jobs:
             t0 = time.perf_counter()
-            STATS["deferred_packed"] += self._pack_many(jobs, kv_cache, busy)
+            STATS["deferred_packed"] += self._pack_many(jobs, kv_cache)
             STATS["t_pack"] += time.perf_counter() - t0
 
     def _query_sums(self, query: torch.Tensor, m: MixKVQMetadata) -> list[dict[int, torch.Tensor]]:
@@ -458,10 +457,15 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         # every block that is full (and whose queries are all in) is packed after the batch
         ready = []
         for j, ent, need in res:
-            if need < R or (self.config.waits_for_queries and ent.nq < R):
+            if not self._complete(ent, need):
                 break
             ready.append((j, ent, bt))
         return ready
+
+    def _complete(self, ent: _Residual, tokens: int) -> bool:
+        """Whether a residual block of ``tokens`` tokens can be packed: full, and (for a
+        query-aware policy) every one of its tokens' queries folded into its sums."""
+        return tokens == self.R and (ent.nq == self.R or not self.config.waits_for_queries)
 
     def _tables(self, kv_cache: torch.Tensor, need_blocks: int) -> tuple:
         """Pointer tables of every page of this layer's cache (built once per cache tensor):

@@ -127,13 +127,22 @@ class PackedLayout:
                                name="dequantized keys")
         return out
 
-    def encode_values(self, backend: "Backend", values: Any, bits: int | None = None, name: str = "values") -> ValueRows:
-        """Quantize values ``(B, H, n, D)`` per token at ``bits`` (default: the config's)."""
-        bits = self.config.values.bits if bits is None else bits
-        if self.config.rotation.values:
-            from .rotation import rotate_values
+    def values_as_quantized(self, backend: "Backend", values: Any, name: str = "values") -> Any:
+        """Values ``(B, H, n, D)`` as §6 quantizes them: rotated (§11.6, float32) when the
+        config rotates values, else unchanged. The rd allocator prices these (§8.3)."""
+        if not self.config.rotation.values:
+            return values
+        from .rotation import rotate_values
 
-            values = rotate_values(backend, values, self.config.rotation.seed, name=name)
+        return rotate_values(backend, values, self.config.rotation.seed, name=name)
+
+    def encode_values(self, backend: "Backend", values: Any, bits: int | None = None, name: str = "values",
+                      *, rotated: bool = False) -> ValueRows:
+        """Quantize values ``(B, H, n, D)`` per token at ``bits`` (default: the config's).
+        ``rotated``: ``values`` already went through :meth:`values_as_quantized`."""
+        bits = self.config.values.bits if bits is None else bits
+        if not rotated:
+            values = self.values_as_quantized(backend, values, name)
         packed, scale, zero = backend.quantize(values, bits, self.config.group_size, self.config.meta_dtype, name)
         return ValueRows(packed, scale, zero, bits)
 

@@ -180,7 +180,8 @@ def flush(state: CacheState, config: "MixKVQConfig", backend: "Backend") -> Cach
         if config.waits_for_queries and stats.position < end:
             break
         kblk = res_k[:, :, :R]
-        vblk = res_v[:, :, :R] if not sliding else None
+        # the rd allocator prices the values as they will be quantized (rotated, §11.6)
+        vblk = layout.values_as_quantized(backend, res_v[:, :, :R]) if not sliding else None
         relevance = None
         if config.waits_for_queries:
             qsum, count = snapshots[end]
@@ -191,7 +192,7 @@ def flush(state: CacheState, config: "MixKVQConfig", backend: "Backend") -> Cach
         snapshots.pop(end, None)
         quantized = end
         if not sliding:
-            chunks.append(layout.encode_values(backend, vblk, bits=value_bits))
+            chunks.append(layout.encode_values(backend, vblk, bits=value_bits, rotated=True))
             res_v = res_v[:, :, R:]
     values_moved = len(chunks) != len(s.value_rows)
     if sliding and res_v is not None:

@@ -619,7 +619,7 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
         # one encode for every block of the forward; the relevance divides each block's sums
         # by its own count (j+1)R, so it is computed per group of equal block index
         kblk = torch.stack([ent.keys for _, ent, _ in jobs])    # (B, H, R, D)
-        vblk = torch.stack([ent.values for _, ent, _ in jobs])
+        vblk = self.layout.values_as_quantized(self.backend, torch.stack([ent.values for _, ent, _ in jobs]))
         qsum = torch.stack(qsums)                                # int64 (B, H, D)
         relevance = None
         if self.config.waits_for_queries:
@@ -632,7 +632,7 @@ class MixKVQAttentionImpl(AttentionImpl[MixKVQMetadata]):
                 relevance[sel] = self.backend.relevance(qsum[sel], (j + 1) * R, self.n_rep)
         tier_map, value_bits = self.config.keys.assign(self.backend, kblk, vblk, relevance, self.policy, self.costs)
         kb = self.layout.encode_keys(self.backend, kblk, tier_map)
-        vr = self.layout.encode_values(self.backend, vblk, bits=value_bits)
+        vr = self.layout.encode_values(self.backend, vblk, bits=value_bits, rotated=True)
         B = len(jobs)
         arrays = {"qsum": qsum, "tier_map": kb.tier_map, "v.packed": vr.packed, "v.scale": vr.scale, "v.zero": vr.zero}
         for w, rows in kb.tiers.items():

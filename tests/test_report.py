@@ -77,3 +77,23 @@ def test_rotated_baselines_meet_the_best_mixkvq_row_at_or_below_their_bytes():
     table, ok = rotation_checks(_results(_row("rot_kivi2", 3.03125, 1.3, kl=0.1), _row("rdl3.03125_rot", 3.03125, 1.3, kl=0.1)))
     assert "| 1.00 | **no** (KL not lower) |" in table and not ok
     assert "rotated baseline" in frontier_sections(res)
+
+
+def test_a_lower_kl_within_its_sampling_noise_is_not_clearly_lower():
+    from mixkvq.apps.eval.report import KL_CLEAR_SE, paired_difference, rotation_checks
+
+    base = _row("rot_kivi2", 3.03125, 1.3, kl=0.100)
+    base["kl_per_sample"] = [0.10, 0.12, 0.08, 0.10]
+    noisy = _row("rd3.03125_b1_rotv", 3.03125, 1.2, kl=0.098)
+    noisy["kl_per_sample"] = [0.11, 0.10, 0.07, 0.112]       # lower on average, not by 2 SE
+    mean, se = paired_difference(noisy, base, "kl_per_sample")
+    assert mean < 0 and mean + KL_CLEAR_SE * se >= 0
+    table, ok = rotation_checks(_results(base, noisy))
+    assert "**no** (KL lower by less than 2 SE)" in table and not ok
+    assert f"| {1000 * mean:+.2f} ± {1000 * se:.2f} |" in table
+    clear = dict(noisy, kl=0.09, kl_per_sample=[0.09, 0.11, 0.07, 0.09])  # 0.01 lower on every sample
+    table, ok = rotation_checks(_results(base, clear))
+    assert ok and "| yes |" in table
+    # rows without per-sample KLs (older result files) are judged on the means alone
+    _, ok = rotation_checks(_results(_row("rot_kivi2", 3.03125, 1.3, kl=0.1), _row("rd3_b1", 3.0, 1.2, kl=0.09)))
+    assert ok

@@ -85,6 +85,8 @@ class MethodResult:
     #: mean NLL of each sample's scored tokens (all samples score the same count), for paired comparisons
     nll_per_sample: list[float] = field(default_factory=list)
     kl: float = float("nan")
+    #: mean KL to the full-precision row over each sample's scored tokens (paired KL comparisons)
+    kl_per_sample: list[float] = field(default_factory=list)
     top1: float = float("nan")
     nbytes: float = float("nan")
     bits_per_element: float = float("nan")
@@ -320,7 +322,9 @@ def evaluate(model: Any, tokenizer: Any, docs: list[str], methods: list[Method],
                 ref_logps.append(logp)
             else:
                 ref = ref_logps[si]
-                kl_sum += float((ref.exp() * (ref - logp)).sum())
+                sample_kl = float((ref.exp() * (ref - logp)).sum())
+                res.kl_per_sample.append(sample_kl / targets.numel())
+                kl_sum += sample_kl
                 agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
             s = cache_stats(cache)
             for k2, v2 in s.items():

@@ -154,6 +154,13 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
                                        "bits/element of quantized blocks")
     to_rotate = {n: m for n, m in out.items() if n in ("mixkvq", "mixkvq_thr", "mixkvq_v3") or n.startswith("rd")}
     out.update(rotated_methods(budget_cfg, G, R, to_rotate))
+    # 1-bit key channels stay unrotated (a rotated set's 1-bit min/max codes of Gaussian-like
+    # coordinates lose more than the rotation gains), the values rotate (docs/rotation.md)
+    for bits in RD_BUDGETS_B1:
+        m = out[f"rd{bits:g}_b1"]
+        out[f"rd{bits:g}_b1_rotv"] = replace(m, name=f"rd{bits:g}_b1_rotv",
+                                             config=m.config.replace(rotation=TierRotation(values=True)),
+                                             description=m.description + "; values rotated, key channels not (§11.6)")
     return out
 
 
@@ -203,8 +210,9 @@ def rotated_methods(base: MixKVQConfig, group_size: int = 32, residual_length: i
 
 #: budgets (true bits per element of quantized blocks) of the rd rows
 #: (3.03125, 3.53125, 4.03125, 4.53125 are the block bits of the KIVI splits, 3.15625 and
-#: 3.859375 those of the MixKVQ tiers without bf16 channels and with 3-bit values: equal bytes)
-RD_BUDGETS = (3.03125, 3.15625, 3.25, 3.53125, 3.75, 3.859375, 4.03125, 4.25, 4.5, 4.53125)
+#: 3.859375 those of the MixKVQ tiers without bf16 channels and with 3-bit values, 3.5, 4.0
+#: and 4.5 those of rotated per-token K3/V2, K4/V2 = K3/V3 and K4/V3: equal bytes)
+RD_BUDGETS = (3.03125, 3.15625, 3.25, 3.5, 3.53125, 3.75, 3.859375, 4.0, 4.03125, 4.25, 4.5, 4.53125)
 
 #: budgets of the ``rd<bits>_b1`` rows (ladder 1, 2, 3, 4, 8, 16): rotated per-token K2/V2's
 #: 3.0 block bits and KIVI-2's 3.03125, where the default ladder has no choice left

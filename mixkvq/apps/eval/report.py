@@ -144,24 +144,34 @@ def _is_kivi_split(name: str) -> bool:
     return name in ("kivi2", "kivi3", "kivi4") or (name.startswith("kivi_k") and "_g" not in name)
 
 
-def paired_nll_difference(a: dict[str, Any], b: dict[str, Any]) -> "tuple[float, float] | None":
-    """Mean and standard error over samples of ``a``'s minus ``b``'s per-sample NLL (nats per
-    token), or None when either row lacks ``nll_per_sample`` or they scored different samples.
+def paired_difference(a: dict[str, Any], b: dict[str, Any], key: str = "nll_per_sample") -> "tuple[float, float] | None":
+    """Mean and standard error over samples of ``a[key]`` minus ``b[key]`` (per-sample NLLs or
+    KLs, nats per token), or None when either row lacks them or they scored different samples.
 
     Both rows score the same tokens, so the pairing removes the text's own variance: this is
-    the uncertainty of the comparison, not of either perplexity.
+    the uncertainty of the comparison, not of either row's value.
     """
-    x, y = a.get("nll_per_sample") or [], b.get("nll_per_sample") or []
+    x, y = a.get(key) or [], b.get(key) or []
     if len(x) != len(y) or len(x) < 2:
         return None
     d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
 
 
-def _paired_cell(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """The "paired ΔNLL ×1000 (± SE)" cell of ``a`` minus ``b``, "–" without per-sample NLLs."""
-    paired = paired_nll_difference(a, b)
+def paired_nll_difference(a: dict[str, Any], b: dict[str, Any]) -> "tuple[float, float] | None":
+    """:func:`paired_difference` of the per-sample NLLs."""
+    return paired_difference(a, b, "nll_per_sample")
+
+
+def _paired_cell(a: dict[str, Any], b: dict[str, Any], key: str = "nll_per_sample") -> str:
+    """The "paired Δ ×1000 (± SE)" cell of ``a`` minus ``b``, "–" without per-sample values."""
+    paired = paired_difference(a, b, key)
     return f"{1000 * paired[0]:+.2f} ± {1000 * paired[1]:.2f}" if paired else "–"
+
+
+#: "clearly lower KL" (rotation_checks): the paired KL difference below zero by this many
+#: standard errors, where both rows carry per-sample KLs
+KL_CLEAR_SE = 2.0
 
 
 def frontier_checks(results: dict[str, Any], *, allocator: str = "rd", lo: float = 3.0, hi: float = 4.6,
@@ -218,40 +228,46 @@ def rotation_checks(results: dict[str, Any], *, lo: float = 3.0, hi: float = 4.6
     the best of MixKVQ's own rows (:func:`_is_project_row`, rotated ones included) at the same
     or fewer bytes: its Δppl must be ``<=`` the baseline's and its KL lower (the issue's "no
     larger perplexity increase and clearly lower KL"; the KL ratio is shown so a reader can
-    judge "clearly"; an equal KL — the same bytes — does not pass). Where no project row is that cheap
+    judge "clearly"; an equal KL — the same bytes — does not pass). Where both rows carry
+    per-sample KLs, "clearly" is also a statistical statement: the paired KL difference must be
+    below zero by :data:`KL_CLEAR_SE` standard errors. Where no project row is that cheap
     (per-token rows have no tier map: 3.000 bits at 2 bits against KIVI-2's 3.031), the
     cheapest row above is shown with its extra bits and the check counts as not met. Returns
-    a markdown table and whether every row passed. The paired ΔNLL column is as in
+    a markdown table and whether every row passed. The paired ΔNLL and ΔKL columns are as in
     :func:`frontier_checks` (project row minus baseline)."""
     rows = [r for r in results["results"] if r["available"] and r.get("block_bits") is not None
             and r.get("delta_ppl") is not None]
     ours = sorted((r for r in rows if _is_project_row(r["name"])), key=lambda r: r["block_bits"])
     comps = [r for r in rows if _is_rotated_baseline(r["name"]) and lo <= r["block_bits"] <= hi]
     lines = ["| rotated baseline | block bits | Δppl | KL | best MixKVQ row (≤ bytes) | block bits | Δppl | KL "
-             "| KL ratio | met | paired ΔNLL ×1000 (± SE) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| KL ratio | met | paired ΔNLL ×1000 (± SE) | paired ΔKL ×1000 (± SE) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ok_all = bool(comps) and bool(ours)
     for c in sorted(comps, key=lambda r: (r["block_bits"], r["delta_ppl"])):
         below = [a for a in ours if a["block_bits"] <= c["block_bits"] + 1e-9]
         if below:
             a = min(below, key=lambda r: r["delta_ppl"])
             ok_ppl, ok_kl = a["delta_ppl"] <= c["delta_ppl"], a["kl"] < c["kl"]
-            ok = ok_ppl and ok_kl
-            met = "yes" if ok else "**no**" if not ok_ppl else "**no** (KL not lower)"
+            kl_pair = paired_difference(a, c, "kl_per_sample")
+            clear = kl_pair is None or kl_pair[0] + KL_CLEAR_SE * kl_pair[1] < 0
+            ok = ok_ppl and ok_kl and clear
+            met = ("yes" if ok else "**no**" if not ok_ppl else "**no** (KL not lower)" if not ok_kl
+                   else f"**no** (KL lower by less than {KL_CLEAR_SE:g} SE)")
         else:
             above = [a for a in ours if a["block_bits"] > c["block_bits"]]
             if not above:
                 lines.append(f"| {c['name']} | {c['block_bits']:.3f} | {c['delta_ppl']:+.3f} | {c['kl']:.4f} | – "
-                             "| | | | | no row | |")
+                             "| | | | | no row | | |")
                 ok_all = False
                 continue
             a, ok = above[0], False
             met = f"no row ≤ bytes (+{a['block_bits'] - c['block_bits']:.3f} bits)"
         ok_all &= ok
-        paired_s = _paired_cell(a, c)
+        paired_s, paired_kl = _paired_cell(a, c), _paired_cell(a, c, "kl_per_sample")
         ratio = f"{a['kl'] / c['kl']:.2f}" if c["kl"] > 0 else "–"
         lines.append(f"| {c['name']} | {c['block_bits']:.3f} | {c['delta_ppl']:+.3f} | {c['kl']:.4f} | {a['name']} | "
-                     f"{a['block_bits']:.3f} | {a['delta_ppl']:+.3f} | {a['kl']:.4f} | {ratio} | {met} | {paired_s} |")
+                     f"{a['block_bits']:.3f} | {a['delta_ppl']:+.3f} | {a['kl']:.4f} | {ratio} | {met} | {paired_s} "
+                     f"| {paired_kl} |")
     return "\n".join(lines) + "\n", ok_all
 
 

@@ -6,7 +6,10 @@
 Runs must share their settings (samples, lengths, seed); quality columns are deterministic,
 so a row present in several runs must agree (perplexity and KL to 1e-4 relative: torch's thread scheduling moves the last float digits of a forward) — the check that the
 runs scored the same tokens. A later run's copy of a row replaces an earlier one (it may add
-per-sample NLLs). Writes the merged JSON, optionally the plot and the markdown of the
+per-sample NLLs and KLs). ``--replaced NAMES`` names rows whose method changed between the runs
+(a spec revision): a later copy replaces the earlier one without the agreement check, and
+``--drop NAMES`` removes rows that no longer describe the method (measured before a revision
+and not measured again). Writes the merged JSON, optionally the plot and the markdown of the
 frontier checks (eval's own tables: rd/rdl against KIVI and the tiers, MixKVQ against the
 rotated baselines).
 """
@@ -35,7 +38,8 @@ def _commands(res: dict) -> list:
     return list(c) if isinstance(c, list) else [c]
 
 
-def merge(paths: "list[Path]") -> dict:
+def merge(paths: "list[Path]", replaced: "set[str] | None" = None, drop: "set[str] | None" = None) -> dict:
+    replaced, drop = replaced or set(), drop or set()
     merged: dict | None = None
     rows: dict[str, dict] = {}
     for p in paths:
@@ -49,14 +53,20 @@ def merge(paths: "list[Path]") -> dict:
             merged["command"] += _commands(res)
             merged["seconds"] = (merged.get("seconds") or 0) + (res.get("seconds") or 0)
         for r in res["results"]:
+            if r["name"] in drop:
+                continue
             old = rows.get(r["name"])
+            if old is not None and r["name"] in replaced:
+                rows[r["name"]] = r
+                continue
             if old is not None and r.get("available") and old.get("available"):
                 for key in ("ppl", "kl"):
                     a, b = old.get(key), r.get(key)
                     if a is not None and b is not None and not math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-7):
                         raise SystemExit(f"{p}: row {r['name']} has {key} {b} where an earlier run has {a}: "
                                          "the runs did not score the same tokens")
-            rows[r["name"]] = r if old is None or r.get("nll_per_sample") or not old.get("nll_per_sample") else old
+            per_sample = lambda x: bool(x.get("nll_per_sample")) + bool(x.get("kl_per_sample"))  # noqa: E731
+            rows[r["name"]] = r if old is None or per_sample(r) >= per_sample(old) else old
     assert merged is not None
     merged["results"] = list(rows.values())
     return merged
@@ -69,8 +79,11 @@ def main() -> None:
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--md", type=Path)
     ap.add_argument("--title", default="")
+    ap.add_argument("--replaced", default="", help="comma-separated rows whose method changed between the runs")
+    ap.add_argument("--drop", default="", help="comma-separated rows to leave out")
     a = ap.parse_args()
-    merged = merge(a.results)
+    names = lambda s: {n for n in s.split(",") if n}  # noqa: E731
+    merged = merge(a.results, names(a.replaced), names(a.drop))
     save_json(merged, a.output)
     if a.plot:
         plot(merged, a.plot, title=a.title)

@@ -178,3 +178,73 @@ def test_mixkvq_with_rotated_tiers_runs_in_the_model(model, name):
     assert not torch.equal(out[name][0], out[plain_name][0])
     for logp, _ in out.values():
         assert float((logp - ref).abs().max()) < 1.0
+
+
+# -- the Lloyd–Max (TurboQuant-MSE style) rows ---------------------------------------------------------
+def test_lloyd_max_levels_are_the_centroids_of_their_cells():
+    """Each level is the mean of the standard normal over its cell (cells split at the
+    midpoints): the Lloyd–Max optimality conditions, to float32 precision."""
+    from mixkvq.apps.eval.rotated import LLOYD_MAX_LEVELS, lloyd_max_codebook
+
+    pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    for bits in LLOYD_MAX_LEVELS:
+        levels, thresholds = lloyd_max_codebook(bits)
+        assert levels.shape == (2**bits,) and thresholds.shape == (2**bits - 1,)
+        assert torch.equal(levels, -levels.flip(0)) and bool((levels[1:] > levels[:-1]).all())
+        lv = [float(x) for x in levels.double()]
+        edges = [-math.inf] + [(a + b) / 2 for a, b in zip(lv, lv[1:])] + [math.inf]
+        for i, level in enumerate(lv):
+            a, b = edges[i], edges[i + 1]
+            centroid = ((pdf(a) if a > -math.inf else 0.0) - (pdf(b) if b < math.inf else 0.0)) / (cdf(b) - cdf(a))
+            assert centroid == pytest.approx(level, abs=2e-6), (bits, i)
+
+
+def test_lloyd_max_rows_store_codes_and_a_float16_norm_per_token():
+    from mixkvq.apps.eval.rotated import lloyd_max_codebook
+
+    torch.manual_seed(1)
+    layer = RotatedLayer(key_bits=3, value_bits=2, codebook="lloyd_max", residual_length=R)
+    k, v = torch.randn(1, 2, 2 * R + 5, 64), torch.randn(1, 2, 2 * R + 5, 64)
+    k[..., 7] *= 30.0                       # an outlier channel: the rotation spreads it
+    v[0, 1, 3] = 0.0                        # a zero token: norm 0, decoded as zeros
+    layer.update(k, v)
+    assert layer.n_quantized == 2 * R
+    # bytes: per token and head ceil(64 b / 8) bytes of codes and 2 of norm; the residual exact
+    assert layer.quantized_nbytes == 1 * 2 * 2 * R * ((64 * 3 // 8 + 2) + (64 * 2 // 8 + 2))
+    assert layer.nbytes == layer.quantized_nbytes + 2 * 1 * 2 * 5 * 64 * 4
+    kr = layer.rotation.apply(k[:, :, :2 * R])
+    vr = layer.rotation.apply(v[:, :, :2 * R])
+    for x, bits, (packed, norm), back in ((kr, 3, layer.store.stored[0], layer._memo_k),
+                                          (vr, 2, layer.store.stored[1], layer._memo_v)):
+        assert norm.dtype == torch.float16 and norm.shape == (1, 2, 2 * R, 1)
+        sigma = norm.float() / 8.0
+        levels, _ = lloyd_max_codebook(bits)
+        codes = get_codes(packed, bits)
+        # every coordinate decodes to its nearest level (the codebook's cells)
+        y = torch.where(sigma > 0, x / torch.where(sigma > 0, sigma, 1.0), 0.0)
+        nearest = (y[..., None] - levels).abs().argmin(-1)
+        assert bool(((levels[codes.long()] - y).abs() <= (levels[nearest] - y).abs() + 1e-6).all())
+        rel = float(((back - layer.rotation.apply(x, inverse=True)) ** 2).mean() / (x**2).mean())
+        assert rel < {3: 0.045, 2: 0.14}[bits]   # Lloyd–Max MSE of N(0,1): 0.0345 (3 bits), 0.1175 (2)
+    assert bool((layer._memo_v[0, 1, 3] == 0).all())
+
+
+def get_codes(packed, bits):
+    from mixkvq.backend import get_backend
+
+    return get_backend("torch").unpack(packed, bits, 64)
+
+
+def test_lloyd_max_rows_refuse_what_they_cannot_store():
+    with pytest.raises(ValueError, match="1..4 bits"):
+        RotatedCache(key_bits=8, codebook="lloyd_max")
+    with pytest.raises(ValueError, match="codebook"):
+        RotatedCache(codebook="nf4")
+    layer = RotatedLayer(key_bits=2, value_bits=2, codebook="lloyd_max", residual_length=R)
+    k = torch.full((1, 1, R, 64), 1e4)
+    with pytest.raises(ValueError, match="norm of token .* overflows float16"):
+        layer.update(k, torch.ones_like(k))
+    cat = builtin_methods()
+    assert cat["rot_lm_k4v2"].options == {"key_bits": 4, "value_bits": 2, "codebook": "lloyd_max",
+                                          "residual_length": 128, "seed": 0}

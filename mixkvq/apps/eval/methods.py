@@ -179,6 +179,17 @@ def rotated_token(key_bits: int, value_bits: int, group_size: int = 32, residual
                               "(llama.cpp / vLLM rotated-cache recipe, this project's implementation)")
 
 
+def rotated_lloyd_max(key_bits: int, value_bits: int, residual_length: int = 128, seed: int = 0) -> Method:
+    """``rot_lm<split>``: the §11 rotation with seeded signs, then per token the norm (float16)
+    and Lloyd–Max codes of the normal distribution (mixkvq/apps/eval/rotated.py; TurboQuant-MSE
+    style), residual ``R`` exact."""
+    name = "rot_lm" + _split_name(key_bits, value_bits)
+    return Method(name, "rotated", options={"key_bits": key_bits, "value_bits": value_bits, "codebook": "lloyd_max",
+                                            "residual_length": residual_length, "seed": seed},
+                  description=f"Hadamard rotation (seed {seed}) + per-token norm and Lloyd–Max codes K{key_bits}/"
+                              f"V{value_bits} (TurboQuant-MSE style, this project's implementation)")
+
+
 def rotated_methods(base: MixKVQConfig, group_size: int = 32, residual_length: int = 128,
                     rotated_rows: "dict[str, Method] | None" = None) -> dict[str, Method]:
     """The rotated rows: ``rot_tok<split>`` and ``rot_kivi<split>`` (rotation + KIVI: a
@@ -190,8 +201,8 @@ def rotated_methods(base: MixKVQConfig, group_size: int = 32, residual_length: i
     both = TierRotation("tiers", values=True)
     for kb in (2, 3, 4):
         for vb in (2, 3, 4):
-            m = rotated_token(kb, vb, group_size, residual_length)
-            out[m.name] = m
+            for m in (rotated_token(kb, vb, group_size, residual_length), rotated_lloyd_max(kb, vb, residual_length)):
+                out[m.name] = m
             name = "rot_kivi" + _split_name(kb, vb)
             cfg = MixKVQConfig(keys=UniformKeys(kb), values=ValueQuant(vb), group_size=group_size,
                                residual_length=residual_length, rotation=both)
@@ -220,8 +231,8 @@ RD_BUDGETS_B1 = (3.0, 3.03125)
 
 #: the rotated rows of the frontier between 3.0 and 4.5 block bits (docs/rotation.md)
 ROTATED_FRONTIER = ("rot_tok2", "rot_tok_k3v2", "rot_tok_k2v3", "rot_tok3", "rot_tok_k4v2", "rot_tok_k4v3",
-                    "rot_kivi2", "rot_kivi_k3v2", "rot_kivi3", "rot_kivi_k4v3", "mixkvq_rot", "mixkvq_thr_rot",
-                    "rdl3.25_rot", "rdl4.03125_rot")
+                    "rot_kivi2", "rot_kivi_k3v2", "rot_kivi3", "rot_kivi_k4v3", "rot_lm3", "rot_lm_k4v2", "rot_lm_k4v3",
+                    "rot_lm4", "mixkvq_rot", "mixkvq_thr_rot", "rdl3.25_rot", "rdl4.03125_rot")
 
 QUICK_METHODS = ("full", "kivi2", "kivi4", "quanto2_kc", "mixkvq", "mixkvq_thr", "key_only", "query_only")
 FULL_METHODS = QUICK_METHODS + ("quanto2", "kivi3", "kivi2_g64", "kivi2_g128", "kivi3_g64", "kivi3_g128",

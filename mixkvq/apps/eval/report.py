@@ -215,7 +215,7 @@ def frontier_checks(results: dict[str, Any], *, allocator: str = "rd", lo: float
 
 
 def _is_rotated_baseline(name: str) -> bool:
-    return name.startswith(("rot_tok", "rot_kivi"))
+    return name.startswith(("rot_tok", "rot_kivi", "rot_lm"))
 
 
 def _is_project_row(name: str) -> bool:

@@ -70,6 +70,63 @@ class _TokenBlocks:
         return sum(_nbytes(*parts) for parts in self.stored)
 
 
+#: Lloyd–Max levels of the standard normal distribution (the MSE-optimal scalar quantizer,
+#: Max 1960), the non-negative half, as float32; level ``-l`` mirrors each. Computed by Lloyd's
+#: iteration in 40-digit arithmetic, then rounded to float32 (docs/rotation.md).
+LLOYD_MAX_LEVELS: dict[int, tuple[float, ...]] = {
+    1: (0.7978846,),
+    2: (0.45278004, 1.5104176),
+    3: (0.24509418, 0.7560053, 1.3439093, 2.1519456),
+    4: (0.12839504, 0.3880483, 0.65675914, 0.94234043, 1.2562312, 1.6180464, 2.0690172, 2.7325895),
+}
+
+
+def lloyd_max_codebook(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``2^bits`` ascending float32 levels and the ``2^bits - 1`` float32 decision
+    thresholds between them (each the float32 midpoint ``fl32((l_i + l_{i+1}) / 2)``)."""
+    if bits not in LLOYD_MAX_LEVELS:
+        raise ValueError(f"the Lloyd–Max rows have codebooks for 1..4 bits; got {bits}")
+    half = torch.tensor(LLOYD_MAX_LEVELS[bits], dtype=torch.float32)
+    levels = torch.cat([-half.flip(0), half])
+    return levels, (levels[:-1] + levels[1:]) * 0.5
+
+
+class _CodebookBlocks:
+    """Per-token keys and values of the rotated basis as TurboQuant-MSE-style codes: each
+    token's ``D`` rotated channels scaled by ``sqrt(D) / ||x||`` (its coordinates then about
+    standard normal) and mapped to the nearest Lloyd–Max level; stored as packed codes plus
+    the norm in float16 (16 bits per token and head)."""
+
+    def __init__(self, backend: Backend, key_bits: int, value_bits: int) -> None:
+        self.backend, self.bits = backend, (key_bits, value_bits)
+        self.books = {b: lloyd_max_codebook(b) for b in set(self.bits)}
+        self.stored: list[tuple[Any, Any]] = []  # (packed codes, float16 norms), keys and values alternately
+
+    def add(self, k: Any, v: Any) -> tuple[Any, Any]:
+        """Store a rotated float32 block ``(B, H, R, D)``; return it dequantized (float32)."""
+        be, tb = self.backend, get_backend("torch")
+        out = []
+        for x, bits, name in ((k, self.bits[0], "rotated keys"), (v, self.bits[1], "rotated values")):
+            x = tb.from_any(x).to(torch.float32)
+            D = int(x.shape[-1])
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).to(torch.float16)
+            if not bool(torch.isfinite(norm).all()):
+                idx = tuple(int(i) for i in torch.nonzero(~torch.isfinite(norm))[0][:-1])
+                raise ValueError(f"{name}: the norm of token {idx} overflows float16 (> 65504); "
+                                 "the Lloyd–Max rows store each token's norm in float16")
+            sigma = norm.to(torch.float32) / torch.tensor(D, dtype=torch.float32).sqrt()
+            y = torch.where(sigma > 0, x / torch.where(sigma > 0, sigma, 1.0), 0.0)
+            levels, thresholds = self.books[bits]
+            codes = torch.bucketize(y, thresholds, right=True).to(torch.uint8)  # a tie goes to the upper level
+            self.stored.append((tb.pack(codes, bits), norm))
+            out.append(be.from_any(levels[codes.long()] * sigma))
+        return out[0], out[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(*parts) for parts in self.stored)
+
+
 class RotatedLayer(CacheLayerMixin):
     """One attention layer of a :class:`RotatedCache` (transformers layer API)."""
 
@@ -79,9 +136,16 @@ class RotatedLayer(CacheLayerMixin):
 
     def __init__(self, *, key_bits: int = 4, value_bits: int = 4, group_size: int = 32,
                  residual_length: int = 128, meta_dtype: str = "float16", seed: "int | None" = 0,
-                 block_size: "int | None" = None, backend: "str | Backend | None" = None) -> None:
+                 block_size: "int | None" = None, codebook: str = "minmax",
+                 backend: "str | Backend | None" = None) -> None:
         super().__init__()
         self.key_bits, self.value_bits = check_bits(key_bits, "key_bits"), check_bits(value_bits, "value_bits")
+        if codebook not in ("minmax", "lloyd_max"):
+            raise ValueError(f"codebook must be 'minmax' or 'lloyd_max'; got {codebook!r}")
+        if codebook == "lloyd_max" and max(self.key_bits, self.value_bits) > max(LLOYD_MAX_LEVELS):
+            raise ValueError(f"the Lloyd–Max codebooks have 1..{max(LLOYD_MAX_LEVELS)} bits; got key_bits="
+                             f"{self.key_bits}, value_bits={self.value_bits}")
+        self.codebook = codebook
         self.group_size = check_positive_int(group_size, "group_size")
         self.residual_length = check_positive_int(residual_length, "residual_length")
         self.meta_dtype, self.seed, self.block_size = meta_dtype, seed, block_size
@@ -106,7 +170,8 @@ class RotatedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.backend = get_backend(self._backend_arg or default_backend_name(key_states.device))
         self.rotation = Rotation(int(key_states.shape[-1]), seed=self.seed, block_size=self.block_size)
-        self.store = _TokenBlocks(self.backend, self.key_bits, self.value_bits, self.group_size, self.meta_dtype)
+        self.store = (_CodebookBlocks(self.backend, self.key_bits, self.value_bits) if self.codebook == "lloyd_max"
+                      else _TokenBlocks(self.backend, self.key_bits, self.value_bits, self.group_size, self.meta_dtype))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,17 +272,20 @@ class RotatedCache(Cache):
         meta_dtype: scales' and zeros' dtype (§2), ``"float16"`` as every other row.
         seed: the §11.2 sign seed (None: the plain Hadamard transform).
         block_size: the §11.1 block size (default: blocks by the binary expansion of D).
+        codebook: ``"minmax"`` (groups of G channels, §3 min/max codes with a scale and zero)
+            or ``"lloyd_max"`` (TurboQuant-MSE style: per token the norm in float16 and the
+            Lloyd–Max levels of the normal distribution, 1..4 bits; G and meta_dtype unused).
         model_config: the model's config (one layer per hidden layer, created up front).
         backend: the backend of every layer; default that of the integration for the device.
     """
 
     def __init__(self, *, key_bits: int = 4, value_bits: int = 4, group_size: int = 32,
                  residual_length: int = 128, meta_dtype: str = "float16", seed: "int | None" = 0,
-                 block_size: "int | None" = None, model_config: Any = None,
+                 block_size: "int | None" = None, codebook: str = "minmax", model_config: Any = None,
                  backend: "str | Backend | None" = None) -> None:
         self.options = dict(key_bits=key_bits, value_bits=value_bits, group_size=group_size,
                             residual_length=residual_length, meta_dtype=meta_dtype, seed=seed, block_size=block_size,
-                            backend=backend)
+                            codebook=codebook, backend=backend)
         RotatedLayer(**self.options)  # validate now, not inside generate()
         if model_config is not None:
             text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
@@ -242,4 +310,4 @@ class RotatedCache(Cache):
                 "nominal_bits": nominal, "block_bits": 8.0 * quantized / nq if nq else float("nan")}
 
 
-__all__ = ["RotatedCache", "RotatedLayer"]
+__all__ = ["LLOYD_MAX_LEVELS", "RotatedCache", "RotatedLayer", "lloyd_max_codebook"]

@@ -68,6 +68,10 @@ def merge(paths: "list[Path]", replaced: "set[str] | None" = None, drop: "set[st
             per_sample = lambda x: bool(x.get("nll_per_sample")) + bool(x.get("kl_per_sample"))  # noqa: E731
             rows[r["name"]] = r if old is None or per_sample(r) >= per_sample(old) else old
     assert merged is not None
+    seen = {r["name"] for p in paths for r in json.loads(p.read_text())["results"]}
+    unknown = sorted((replaced | drop) - seen)
+    if unknown:
+        raise SystemExit(f"--replaced/--drop name rows no input holds: {', '.join(unknown)}")
     merged["results"] = list(rows.values())
     return merged
 

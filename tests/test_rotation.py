@@ -30,6 +30,14 @@ def _backend(name):
 BACKENDS = available_backends()
 
 
+def _usable(name):
+    try:
+        mixkvq.get_backend(name)
+        return True
+    except (RuntimeError, OSError):
+        return False
+
+
 def _native(be, x):
     """``x`` (NumPy) as ``be``'s own array."""
     return be.from_any(x)
@@ -311,10 +319,12 @@ def _cache_inputs(seed=0, T=256, D=64):
                                   dict(tier_mode="rd", rd_bits=3.5)])
 def test_rotated_cache_keeps_the_tiers_and_the_bytes(mode):
     """Salience comes first: the tier maps and every array's size equal the unrotated cache's;
-    the stored rows differ, and the decoded history stays close to the input."""
+    the stored rows differ, and the decoded history stays close to the input. (rd with rotated
+    values prices the rotated values, §11.6, so its value width may differ: keys only here.)"""
     k, v, q = _cache_inputs()
     plain = mixkvq.KVCache(mixkvq.MixKVQConfig(**mode), backend="numpy")
-    rot = mixkvq.KVCache(mixkvq.MixKVQConfig(**mode, key_rotation="tiers", value_rotation=True), backend="numpy")
+    values = mode["tier_mode"] != "rd"
+    rot = mixkvq.KVCache(mixkvq.MixKVQConfig(**mode, key_rotation="tiers", value_rotation=values), backend="numpy")
     for c in (plain, rot):
         c.append(k, v, queries=q)
     assert rot.nbytes == plain.nbytes and len(rot.key_blocks) == len(plain.key_blocks) == 2
@@ -329,6 +339,36 @@ def test_rotated_cache_keeps_the_tiers_and_the_bytes(mode):
     # both within the quantization error of the input; the residual is exact in both
     assert np.abs(kd - k).mean() < 2 * np.abs(kp - k).mean() and np.abs(vd - v).mean() < 2 * np.abs(vp - v).mean()
     assert np.array_equal(kd[:, :, 256:], kp[:, :, 256:])
+
+
+def test_rd_prices_rotated_values_as_they_are_stored():
+    """§8.3 / §11.6: with value_rotation the allocator's value model reads the rotated values.
+    An outlier value channel makes every unrotated per-token group wide; rotated, it spreads
+    thin, so the allocator keeps 2-bit values and spends the bits on keys — the allocation is
+    exactly the simulator's on the rotated block, and the unrotated pricing would differ."""
+    from mixkvq.sim.allocate import rd_allocate
+
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, 2, 64, 32)).astype(np.float32)
+    k[..., 3] *= 10
+    v = rng.standard_normal((1, 2, 64, 32)).astype(np.float32)
+    v[..., 7] *= 30
+    kw = dict(tier_mode="rd", rd_bits=4.0, rd_value_weight=1.0, policy="key_only", group_size=32, residual_length=64)
+    args = dict(ladder=(2, 3, 4, 8, 16), value_ladder=(2, 3, 4), budget_bits=4.0, group_size=32, meta_bytes=2,
+                high_dtype="bfloat16", value_weight=1.0)
+    ones = np.ones((1, 2, 32), np.float32)
+    rotated = sim.hadamard(v, signs=sim.sign_vector(32, 0))
+    for backend in ["numpy"] + [b for b in BACKENDS if _usable(b)]:
+        rot = mixkvq.KVCache(mixkvq.MixKVQConfig(**kw, value_rotation=True), backend=backend)
+        rot.append(k, v)
+        tm, vb = rd_allocate(k, rotated, ones, **args)
+        assert rot.value_rows[0].bits == vb == 2
+        assert np.array_equal(np.asarray(rot.key_blocks[0].tier_map), tm)
+    tm0, vb0 = rd_allocate(k, v, ones, **args)
+    assert vb0 == 3 and not np.array_equal(tm0, tm)        # priced unrotated: 3-bit values, fewer key bits
+    plain = mixkvq.KVCache(mixkvq.MixKVQConfig(**kw), backend="numpy")
+    plain.append(k, v)
+    assert plain.value_rows[0].bits == 3 and rot.nbytes <= plain.nbytes  # both within the same budget
 
 
 def test_low_rotation_touches_only_the_narrowest_tier():

@@ -24,8 +24,12 @@ Why here and not in :mod:`mixkvq.integrations`: this cache exists to be compared
 an evaluation baseline with a deliberately small surface (no beam search, no crop, no
 packed attention kernels), not a deployment integration.
 
+The ``rot_lm`` rows (``codebook="lloyd_max"``) replace the min/max groups by a
+TurboQuant-MSE-style code: per token its float16 norm and the Lloyd–Max levels of the normal
+distribution (:data:`LLOYD_MAX_LEVELS`, docs/rotation.md).
+
 Accounting (:attr:`RotatedCache.nbytes`) counts every array held: packed codes, scales and
-zeros of keys and values, and the residual in the model dtype. The sign vector and the
+zeros (or norms) of keys and values, and the residual in the model dtype. The sign vector and the
 transform are a function of the seed (like llama.cpp's fixed Hadamard matrix) and hold no
 per-token state; they are not counted.
 """
@@ -55,8 +59,9 @@ class _TokenBlocks:
         self.backend, self.bits, self.G, self.meta = backend, (key_bits, value_bits), group_size, meta_dtype
         self.stored: list[tuple[Any, Any, Any]] = []  # (packed, scale, zero), keys and values alternately
 
-    def add(self, k: Any, v: Any) -> tuple[Any, Any]:
-        """Store a rotated float32 block ``(B, H, R, D)``; return it dequantized (float32)."""
+    def add(self, k: Any, v: Any, first: int = 0) -> tuple[Any, Any]:
+        """Store a rotated float32 block ``(B, H, R, D)`` (tokens from position ``first``; an
+        error names the caller's tensor); return it dequantized (float32)."""
         be, D = self.backend, int(k.shape[-1])
         out = []
         for x, bits, name in ((k, self.bits[0], "rotated keys"), (v, self.bits[1], "rotated values")):
@@ -102,21 +107,22 @@ class _CodebookBlocks:
         self.books = {b: lloyd_max_codebook(b) for b in set(self.bits)}
         self.stored: list[tuple[Any, Any]] = []  # (packed codes, float16 norms), keys and values alternately
 
-    def add(self, k: Any, v: Any) -> tuple[Any, Any]:
-        """Store a rotated float32 block ``(B, H, R, D)``; return it dequantized (float32)."""
+    def add(self, k: Any, v: Any, first: int = 0) -> tuple[Any, Any]:
+        """Store a rotated float32 block ``(B, H, R, D)`` of the tokens from position
+        ``first``; return it dequantized (float32)."""
         be, tb = self.backend, get_backend("torch")
         out = []
         for x, bits, name in ((k, self.bits[0], "rotated keys"), (v, self.bits[1], "rotated values")):
             x = tb.from_any(x).to(torch.float32)
             D = int(x.shape[-1])
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).to(torch.float16)
-            if not bool(torch.isfinite(norm).all()):
-                idx = tuple(int(i) for i in torch.nonzero(~torch.isfinite(norm))[0][:-1])
-                raise ValueError(f"{name}: the norm of token {idx} overflows float16 (> 65504); "
-                                 "the Lloyd–Max rows store each token's norm in float16")
+            if not bool(torch.isfinite(norm).all()):  # the rotation refused non-finite inputs
+                b, h, t = (int(i) for i in torch.nonzero(~torch.isfinite(norm))[0][:-1])
+                raise ValueError(f"{name}: the norm of batch {b}, head {h}, token {first + t} overflows float16 "
+                                 "(> 65504); the Lloyd–Max rows store each token's norm in float16")
             sigma = norm.to(torch.float32) / torch.tensor(D, dtype=torch.float32).sqrt()
             y = torch.where(sigma > 0, x / torch.where(sigma > 0, sigma, 1.0), 0.0)
-            levels, thresholds = self.books[bits]
+            levels, thresholds = (t.to(x.device) for t in self.books[bits])
             codes = torch.bucketize(y, thresholds, right=True).to(torch.uint8)  # a tie goes to the upper level
             self.stored.append((tb.pack(codes, bits), norm))
             out.append(be.from_any(levels[codes.long()] * sigma))
@@ -153,7 +159,7 @@ class RotatedLayer(CacheLayerMixin):
         self._clear()
 
     def _clear(self) -> None:
-        self.store: "_TokenBlocks | None" = None
+        self.store: "_TokenBlocks | _CodebookBlocks | None" = None
         self.rotation: "Rotation | None" = None
         self.backend: "Backend | None" = None
         self._memo_k: "torch.Tensor | None" = None  # dequantized blocks rotated back, model dtype
@@ -197,7 +203,7 @@ class RotatedLayer(CacheLayerMixin):
         rot, be = self.rotation, self.backend
         kr = rot.apply(be.from_any(k.contiguous()), backend=be, name="keys")
         vr = rot.apply(be.from_any(v.contiguous()), backend=be, name="values")
-        kh, vh = self.store.add(kr, vr)
+        kh, vh = self.store.add(kr, vr, self.n_quantized)
         back = [rot.apply(x, inverse=True, backend=be, name=n) for x, n in ((kh, "dequantized keys"), (vh, "dequantized values"))]
         tk, tv = (get_backend("torch").from_any(x).to(device=self.device, dtype=self.dtype) for x in back)
         self._memo_k = tk if self._memo_k is None else torch.cat([self._memo_k, tk], dim=2)
@@ -240,7 +246,7 @@ class RotatedLayer(CacheLayerMixin):
     # -- accounting ----------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Every byte held: the quantized blocks' codes, scales and zeros, and the residual."""
+        """Every byte held: the quantized blocks' codes, scales and zeros (or norms), and the residual."""
         return (self.store.nbytes if self.store is not None else 0) + _nbytes(self._res_k, self._res_v)
 
     @property
@@ -295,7 +301,7 @@ class RotatedCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes over all layers (codes, scales, zeros, residual)."""
+        """Stored bytes over all layers (codes, scales and zeros or norms, residual)."""
         return sum(layer.nbytes for layer in self.layers)
 
     def stats(self) -> dict[str, float]:

@@ -144,6 +144,17 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
             out[name] = Method(name, "mixkvq", rd_cfg, layer_profile=layer_profile,
                                description=f"rd allocation with per-layer budgets from the layer profile, "
                                            f"{bits:g} true bits/element on average")
+    # the allocator with groups of 128: one scale and zero per key channel per block of 128
+    # tokens and per token's values (D <= 128), 0.375 bits of metadata per element at D = 64
+    # where G = 32 spends 1.0 — the rotated Lloyd–Max rows' 0.25 is the comparison
+    for bits in RD_BUDGETS_G128:
+        try:
+            cfg = rd_base.replace(rd_bits=bits, group_size=128)
+        except ValueError:  # R not a multiple of 128: no such row
+            continue
+        out[f"rd{bits:g}_g128"] = Method(f"rd{bits:g}_g128", "mixkvq", cfg,
+                                         description=f"rate-distortion allocation, G=128, {bits:g} true bits/element "
+                                                     "of quantized blocks")
     # the allocator with 1-bit key channels on its ladder: below KIVI-2's bytes, and at them
     # with room to trade (every other rd row's cheapest point is all keys at 2 bits)
     b1 = rd_base.replace(bit_ladder=(1, 2, 3, 4, 8, 16))
@@ -224,6 +235,9 @@ def rotated_methods(base: MixKVQConfig, group_size: int = 32, residual_length: i
 #: 3.859375 those of the MixKVQ tiers without bf16 channels and with 3-bit values, 3.5, 4.0
 #: and 4.5 those of rotated per-token K3/V2, K4/V2 = K3/V3 and K4/V3: equal bytes)
 RD_BUDGETS = (3.03125, 3.15625, 3.25, 3.5, 3.53125, 3.75, 3.859375, 4.0, 4.03125, 4.25, 4.5, 4.53125)
+
+#: budgets of the ``rd<bits>_g128`` rows: the rotated Lloyd–Max rows' 3.25, 3.75, 4.25 block bits
+RD_BUDGETS_G128 = (3.25, 3.75, 4.25)
 
 #: budgets of the ``rd<bits>_b1`` rows (ladder 1, 2, 3, 4, 8, 16): rotated per-token K2/V2's
 #: 3.0 block bits and KIVI-2's 3.03125, where the default ladder has no choice left

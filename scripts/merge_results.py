@@ -4,7 +4,9 @@
         -o docs/results_rotation.json --plot docs/results_rotation.png --md rotation_tables.md
 
 Runs must share their settings (samples, lengths, seed); quality columns are deterministic,
-so a row present in several runs must agree (perplexity and KL to 1e-4 relative: torch's thread scheduling moves the last float digits of a forward) — the check that the
+so a row present in several runs must agree (perplexity to 1e-4 relative, KL — a mean of
+small differences of log-probabilities, so its relative noise is larger — to 1e-3: torch's
+thread scheduling and the host's kernels move the last float digits of a forward) — the check that the
 runs scored the same tokens. A later run's copy of a row replaces an earlier one (it may add
 per-sample NLLs and KLs). ``--replaced NAMES`` names rows whose method changed between the runs
 (a spec revision): a later copy replaces the earlier one without the agreement check, and
@@ -60,9 +62,9 @@ def merge(paths: "list[Path]", replaced: "set[str] | None" = None, drop: "set[st
                 rows[r["name"]] = r
                 continue
             if old is not None and r.get("available") and old.get("available"):
-                for key in ("ppl", "kl"):
+                for key, rel in (("ppl", 1e-4), ("kl", 1e-3)):
                     a, b = old.get(key), r.get(key)
-                    if a is not None and b is not None and not math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-7):
+                    if a is not None and b is not None and not math.isclose(a, b, rel_tol=rel, abs_tol=1e-7):
                         raise SystemExit(f"{p}: row {r['name']} has {key} {b} where an earlier run has {a}: "
                                          "the runs did not score the same tokens")
             per_sample = lambda x: bool(x.get("nll_per_sample")) + bool(x.get("kl_per_sample"))  # noqa: E731

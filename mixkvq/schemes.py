@@ -68,7 +68,8 @@ class KeyScheme:
                costs: CostModel) -> "tuple[Any, int | None]":
         """Tier map uint8 ``(B, H, D)`` of a block ``keys``/``values`` ``(B, H, R, D)`` and the
         block's value width (None: the config's). ``values`` are as §6 will quantize them
-        (rotated, when the config rotates values: §11.6); None with a sliding value window (values then leave the residual on their own schedule); ``relevance`` float32
+        (rotated, when the config rotates values: §11.6); None with a sliding value window
+        (values then leave the residual on their own schedule); ``relevance`` float32
         ``(B, H, D)``, or None for policies that use no queries."""
         raise NotImplementedError
 

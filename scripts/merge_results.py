@@ -44,8 +44,11 @@ def merge(paths: "list[Path]", replaced: "set[str] | None" = None, drop: "set[st
     replaced, drop = replaced or set(), drop or set()
     merged: dict | None = None
     rows: dict[str, dict] = {}
+    seen: set[str] = set()
+    per_sample = lambda x: bool(x.get("nll_per_sample")) + bool(x.get("kl_per_sample"))  # noqa: E731
     for p in paths:
         res = json.loads(p.read_text())
+        seen.update(r["name"] for r in res["results"])
         if merged is None:
             merged = {k: v for k, v in res.items() if k != "results"}
             merged["command"] = _commands(res)
@@ -67,10 +70,8 @@ def merge(paths: "list[Path]", replaced: "set[str] | None" = None, drop: "set[st
                     if a is not None and b is not None and not math.isclose(a, b, rel_tol=rel, abs_tol=1e-7):
                         raise SystemExit(f"{p}: row {r['name']} has {key} {b} where an earlier run has {a}: "
                                          "the runs did not score the same tokens")
-            per_sample = lambda x: bool(x.get("nll_per_sample")) + bool(x.get("kl_per_sample"))  # noqa: E731
             rows[r["name"]] = r if old is None or per_sample(r) >= per_sample(old) else old
     assert merged is not None
-    seen = {r["name"] for p in paths for r in json.loads(p.read_text())["results"]}
     unknown = sorted((replaced | drop) - seen)
     if unknown:
         raise SystemExit(f"--replaced/--drop name rows no input holds: {', '.join(unknown)}")

@@ -60,8 +60,8 @@ class _TokenBlocks:
         self.stored: list[tuple[Any, Any, Any]] = []  # (packed, scale, zero), keys and values alternately
 
     def add(self, k: Any, v: Any, first: int = 0) -> tuple[Any, Any]:
-        """Store a rotated float32 block ``(B, H, R, D)`` (tokens from position ``first``; an
-        error names the caller's tensor); return it dequantized (float32)."""
+        """Store a rotated float32 block ``(B, H, R, D)``; return it dequantized (float32).
+        ``first`` (the block's stream position) is unused here: §3's errors index the block."""
         be, D = self.backend, int(k.shape[-1])
         out = []
         for x, bits, name in ((k, self.bits[0], "rotated keys"), (v, self.bits[1], "rotated values")):
@@ -86,11 +86,12 @@ LLOYD_MAX_LEVELS: dict[int, tuple[float, ...]] = {
 }
 
 
-def lloyd_max_codebook(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lloyd_max_codebook(bits: int, name: str = "bits") -> tuple[torch.Tensor, torch.Tensor]:
     """The ``2^bits`` ascending float32 levels and the ``2^bits - 1`` float32 decision
-    thresholds between them (each the float32 midpoint ``fl32((l_i + l_{i+1}) / 2)``)."""
+    thresholds between them (each the float32 midpoint ``fl32((l_i + l_{i+1}) / 2)``).
+    ``name``: the argument an unsupported width is reported as."""
     if bits not in LLOYD_MAX_LEVELS:
-        raise ValueError(f"the Lloyd–Max rows have codebooks for 1..4 bits; got {bits}")
+        raise ValueError(f"the Lloyd–Max codebooks have 1..{max(LLOYD_MAX_LEVELS)} bits; got {name}={bits}")
     half = torch.tensor(LLOYD_MAX_LEVELS[bits], dtype=torch.float32)
     levels = torch.cat([-half.flip(0), half])
     return levels, (levels[:-1] + levels[1:]) * 0.5
@@ -148,9 +149,9 @@ class RotatedLayer(CacheLayerMixin):
         self.key_bits, self.value_bits = check_bits(key_bits, "key_bits"), check_bits(value_bits, "value_bits")
         if codebook not in ("minmax", "lloyd_max"):
             raise ValueError(f"codebook must be 'minmax' or 'lloyd_max'; got {codebook!r}")
-        if codebook == "lloyd_max" and max(self.key_bits, self.value_bits) > max(LLOYD_MAX_LEVELS):
-            raise ValueError(f"the Lloyd–Max codebooks have 1..{max(LLOYD_MAX_LEVELS)} bits; got key_bits="
-                             f"{self.key_bits}, value_bits={self.value_bits}")
+        if codebook == "lloyd_max":  # refused now, not at the first flush
+            lloyd_max_codebook(self.key_bits, "key_bits")
+            lloyd_max_codebook(self.value_bits, "value_bits")
         self.codebook = codebook
         self.group_size = check_positive_int(group_size, "group_size")
         self.residual_length = check_positive_int(residual_length, "residual_length")

@@ -68,6 +68,21 @@ def test_the_catalog_names_the_rows():
     assert set(ROTATED_FRONTIER) <= set(FRONTIER_METHODS)
 
 
+def test_layer_budget_rows_with_groups_of_128_split_the_budget_at_g128():
+    from mixkvq.apps.layer_budget import LayerProfile
+
+    profile = LayerProfile((3.0, 3.25, 3.5), ((0.3, 0.2, 0.1), (0.9, 0.5, 0.1)), {})
+    cat = builtin_methods(layer_profile=profile)
+    assert "rdl3.25_g128" in cat and "rdl3.25_g128" not in builtin_methods()
+    row = cat["rdl3.25_g128"]
+    assert row.config == cat["rd3.25_g128"].config and row.layer_profile is profile
+    per_layer = row.layer_configs
+    assert [c.keys.bits for c in per_layer.values()] == [3.0, 3.5]  # the sensitive layer gets the bits
+    assert all(c.group_size == 128 for c in per_layer.values())
+    rot = cat["rdl3.25_g128_rot"]
+    assert rot.config.rotation == TierRotation("tiers", values=True) and rot.layer_profile is profile
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch", "cpu"])
 def test_stored_history_is_the_rotation_then_per_token_quantization(backend):
     """The history a later call sees = sim: rotate (§11), quantize per token (§3), dequantize

@@ -155,6 +155,12 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
         out[f"rd{bits:g}_g128"] = Method(f"rd{bits:g}_g128", "mixkvq", cfg,
                                          description=f"rate-distortion allocation, G=128, {bits:g} true bits/element "
                                                      "of quantized blocks")
+        if layer_profile is not None and bits >= layer_profile.budgets[0]:
+            # the per-layer split of the G=32 profile (its losses were measured at G=32: a proxy
+            # for G=128's, which keeps the layers' order of sensitivity)
+            out[f"rdl{bits:g}_g128"] = Method(f"rdl{bits:g}_g128", "mixkvq", cfg, layer_profile=layer_profile,
+                                              description=f"rd allocation, G=128, per-layer budgets from the layer "
+                                                          f"profile, {bits:g} true bits/element on average")
     # the allocator with 1-bit key channels on its ladder: below KIVI-2's bytes, and at them
     # with room to trade (every other rd row's cheapest point is all keys at 2 bits)
     b1 = rd_base.replace(bit_ladder=(1, 2, 3, 4, 8, 16))

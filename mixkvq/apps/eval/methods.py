@@ -131,6 +131,15 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
     out["mixkvq_nohigh"] = Method("mixkvq_nohigh", "mixkvq", budget_cfg.replace(budget=(0.0, 0.125)),
                                   description="MixKVQ tiers 0 bf16 / 1/8 int4 / rest int2")
     rd_base = budget_cfg.replace(tier_mode="rd", value_window="block")
+
+    def add_layer_budget_row(name: str, cfg: MixKVQConfig, what: str) -> None:
+        """``name``: ``cfg`` with its rd_bits split across layers by the profile, if one is given
+        and the budget is on its grid."""
+        if layer_profile is not None and cfg.keys.bits >= layer_profile.budgets[0]:
+            out[name] = Method(name, "mixkvq", cfg, layer_profile=layer_profile,
+                               description=f"rd allocation{what} per-layer budgets from the layer profile, "
+                                           f"{cfg.keys.bits:g} true bits/element on average")
+
     for bits in RD_BUDGETS:
         try:
             rd_cfg = rd_base.replace(rd_bits=bits)
@@ -139,11 +148,7 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
         name = f"rd{bits:g}"
         out[name] = Method(name, "mixkvq", rd_cfg,
                            description=f"rate-distortion allocation, {bits:g} true bits/element of quantized blocks")
-        if layer_profile is not None and bits >= layer_profile.budgets[0]:
-            name = f"rdl{bits:g}"
-            out[name] = Method(name, "mixkvq", rd_cfg, layer_profile=layer_profile,
-                               description=f"rd allocation with per-layer budgets from the layer profile, "
-                                           f"{bits:g} true bits/element on average")
+        add_layer_budget_row(f"rdl{bits:g}", rd_cfg, " with")
     # the allocator with groups of 128: one scale and zero per key channel per block of 128
     # tokens and per token's values (D <= 128), 0.375 bits of metadata per element at D = 64
     # where G = 32 spends 1.0 — the rotated Lloyd–Max rows' 0.25 is the comparison
@@ -155,12 +160,8 @@ def builtin_methods(base: MixKVQConfig | None = None, threshold: MixKVQConfig | 
         out[f"rd{bits:g}_g128"] = Method(f"rd{bits:g}_g128", "mixkvq", cfg,
                                          description=f"rate-distortion allocation, G=128, {bits:g} true bits/element "
                                                      "of quantized blocks")
-        if layer_profile is not None and bits >= layer_profile.budgets[0]:
-            # the per-layer split of the G=32 profile (its losses were measured at G=32: a proxy
-            # for G=128's, which keeps the layers' order of sensitivity)
-            out[f"rdl{bits:g}_g128"] = Method(f"rdl{bits:g}_g128", "mixkvq", cfg, layer_profile=layer_profile,
-                                              description=f"rd allocation, G=128, per-layer budgets from the layer "
-                                                          f"profile, {bits:g} true bits/element on average")
+        # the profile's losses were measured at G=32: a proxy for G=128's (docs/rotation.md)
+        add_layer_budget_row(f"rdl{bits:g}_g128", cfg, ", G=128,")
     # the allocator with 1-bit key channels on its ladder: below KIVI-2's bytes, and at them
     # with room to trade (every other rd row's cheapest point is all keys at 2 bits)
     b1 = rd_base.replace(bit_ladder=(1, 2, 3, 4, 8, 16))
